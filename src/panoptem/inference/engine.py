@@ -1,0 +1,274 @@
+"""The 2D inference engine: one image (or a stack of them) in, a panoptic label image out.
+
+:class:`Engine2D` holds a loaded model (cached by the registry per model, device and
+quantized flag, so building engines is cheap) and runs every 2D parameter of the
+"2D Inference (Parameter Testing)" widget. The same engine serves the widget, batch mode,
+the command line and, slice by slice, 3D inference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+
+from panoptem.errors import PanoptemError
+from panoptem.inference import preprocess as pre
+from panoptem.inference.postprocess import fill_holes, panoptic_from_heads, relabel_connected
+from panoptem.inference.tiling import segment_tiled, tile_grid
+from panoptem.progress import Progress, ensure_progress
+
+__all__ = ["Params2D", "Engine2D", "DOWNSAMPLING_FACTORS"]
+
+DOWNSAMPLING_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Params2D:
+    """The 2D parameters, named and defaulted as the original widget.
+
+    Attributes
+    ----------
+    downsampling : int
+        "Image Downsampling", one of 1, 2, 4, ..., 64. The image is shrunk by this factor
+        before the model and the semantic map is rendered back at full size.
+    confidence_thr : float
+        "Segmentation Confidence Thr" (0..1, default 0.5).
+    center_confidence_thr : float
+        "Center Confidence Thr" (0..1, default 0.1).
+    min_distance : int
+        "Centers Min Distance" in heat-map pixels (default 3).
+    fine_boundaries : bool
+        "Fine boundaries": group pixels at the model input resolution instead of 1/4.
+    semantic_only : bool
+        "Semantic only": no instances, one label per class.
+    fill_holes : bool
+        "Fill holes in segmentation": fill each object's own holes.
+    max_objects : int
+        "Max objects per class": the label divisor (id = class * max_objects + k).
+    tile_size : int
+        "Tile size": 0 for no tiling; otherwise tiles of this many pixels per side.
+    """
+
+    downsampling: int = 1
+    confidence_thr: float = 0.5
+    center_confidence_thr: float = 0.1
+    min_distance: int = 3
+    fine_boundaries: bool = False
+    semantic_only: bool = False
+    fill_holes: bool = False
+    max_objects: int = 10000
+    tile_size: int = 0
+
+    def validated(self) -> Params2D:
+        """Return self, or raise PanoptemError naming the parameter to change."""
+        if self.downsampling not in DOWNSAMPLING_FACTORS:
+            raise PanoptemError(
+                f"Image Downsampling must be one of {DOWNSAMPLING_FACTORS}; got {self.downsampling}."
+            )
+        for name in ("confidence_thr", "center_confidence_thr"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise PanoptemError(f"{name} must lie between 0 and 1; got {v}.")
+        if int(self.min_distance) != self.min_distance or self.min_distance < 1:
+            raise PanoptemError(f"Centers Min Distance must be a whole number >= 1; got {self.min_distance}.")
+        try:
+            max_objects = int(self.max_objects)
+        except (TypeError, ValueError):
+            raise PanoptemError(
+                f"Max objects per class must be a whole number; got {self.max_objects!r}."
+            ) from None
+        if max_objects < 2 or max_objects != float(self.max_objects):
+            raise PanoptemError(f"Max objects per class must be a whole number >= 2; got {self.max_objects}.")
+        if int(self.tile_size) != self.tile_size or self.tile_size < 0:
+            raise PanoptemError(f"Tile size must be 0 (no tiling) or a positive whole number; got {self.tile_size}.")
+        return replace(self, max_objects=max_objects, min_distance=int(self.min_distance),
+                       tile_size=int(self.tile_size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine2D:
+    """Runs a model on 2D images with the original's 2D parameters.
+
+    Parameters
+    ----------
+    model : str or dict or LoadedModel
+        A registered model name (see :func:`panoptem.registry.list_models`), a config dict
+        in the empanada format, or a model already loaded with
+        :func:`panoptem.registry.load_model`.
+    device : str or torch.device
+        "cpu", "cuda", "cuda:1", ...
+    quantized : bool
+        Use the config's int8 model on CPU when it has one.
+    """
+
+    def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False,
+                 progress: Progress | None = None) -> None:
+        from panoptem import registry
+
+        if isinstance(model, registry.LoadedModel):
+            self.loaded = model
+        else:
+            self.loaded = registry.load_model(model, device=device, quantized=quantized,
+                                              progress=progress)
+        cfg = self.loaded.config
+        self.config = cfg
+        self.device = self.loaded.device
+        self.thing_list = [int(c) for c in cfg.get("thing_list", [])]
+        self.padding_factor = int(cfg.get("padding_factor", 16))
+        self.norms = cfg["norms"]
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ model call
+    def heads(self, x255: torch.Tensor, downsampling: int = 1, fine_boundaries: bool = False):
+        """Model outputs for one image.
+
+        Parameters
+        ----------
+        x255 : Tensor (H, W) float32 with values in 0..255 (see :mod:`.preprocess`).
+
+        Returns
+        -------
+        (sem_logits (C, Hp*s, Wp*s), ctr_hmp (h, w), offsets (2, h, w)) on the engine's
+        device, where (Hp, Wp) is the downsampled image padded to the padding factor.
+        """
+        x = pre.normalize(x255.to(self.device, non_blocking=True), self.norms)[None, None]
+        x = pre.pad_to_factor(pre.downsample(x, downsampling), self.padding_factor)
+        render_steps = 2 + int(math.log2(downsampling))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.loaded.module(x, render_steps, bool(fine_boundaries))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t0
+        try:
+            return out["sem_logits"][0], out["ctr_hmp"][0, 0], out["offsets"][0]
+        except (KeyError, IndexError, TypeError) as err:
+            raise PanoptemError(
+                "The model did not return 'sem_logits', 'ctr_hmp' and 'offsets'; it does not "
+                f"follow the empanada model interface ({err})."
+            ) from None
+
+    def _panoptic(self, x255: torch.Tensor, p: Params2D) -> np.ndarray:
+        """Untiled panoptic result of one image or tile, objects made connected."""
+        h, w = x255.shape
+        sem, ctr, off = self.heads(x255, p.downsampling, p.fine_boundaries)
+        pan = panoptic_from_heads(
+            sem, ctr, off, thing_list=self.thing_list, label_divisor=p.max_objects,
+            downsampling=p.downsampling, confidence_thr=p.confidence_thr,
+            center_threshold=p.center_confidence_thr, min_distance=p.min_distance,
+            semantic_only=p.semantic_only,
+        )[:h, :w]
+        if not p.semantic_only:
+            pan = relabel_connected(pan, self.thing_list, p.max_objects)
+        return pan
+
+    # ------------------------------------------------------------------ public calls
+    def segment(self, image, params: Params2D | None = None, *, roi=None, value_range=None,
+                progress: Progress | None = None, **overrides) -> np.ndarray:
+        """Segment one 2D image.
+
+        Parameters
+        ----------
+        image : array-like (H, W)
+            Grayscale, any integer or float dtype (uint8 used as is, others mapped from
+            their own intensity range, or from ``value_range``, onto 0..255).
+        params : Params2D, optional
+            Defaults to the widget defaults; keyword ``overrides`` replace single fields,
+            e.g. ``engine.segment(img, downsampling=2, tile_size=1280)``.
+        roi : array-like (H, W) bool, optional
+            Only pixels inside the mask are segmented: the image is cropped to the mask's
+            bounding box, pixels outside the mask are set to intensity 0 (as the original's
+            "Confine to ROI") and labels outside it are cleared.
+        value_range : (low, high), optional
+            Intensity range mapped onto 0..255 for non-uint8 images (batch and 3D pass the
+            range of the whole stack so every slice is scaled alike).
+        progress : Progress, optional
+            Receives one step per tile; cancel() stops between tiles.
+
+        Returns
+        -------
+        ndarray (H, W) int32 panoptic ids ``class * max_objects + k``.
+        """
+        p = replace(params or Params2D(), **overrides).validated()
+        img = pre.check_image_2d(image)
+        if roi is not None:
+            return self._segment_roi(img, np.asarray(roi), p, value_range, progress)
+        self.timings = {}
+        t0 = time.perf_counter()
+        vr = pre.intensity_range(img) if value_range is None else value_range
+        x255 = pre.to_unit_range(img, vr)
+        tiles = tile_grid(img.shape, p.tile_size) if p.tile_size > 0 else []
+        if len(tiles) <= 1:
+            out = self._panoptic(x255, p)
+        else:
+            things = [] if p.semantic_only else self.thing_list
+            out = segment_tiled(img.shape, p.tile_size, lambda t: self._panoptic(x255[t.slices], p),
+                                things, p.max_objects, progress)
+        if p.fill_holes:
+            out = fill_holes(out)
+        self.timings["total"] = time.perf_counter() - t0
+        return out
+
+    def _segment_roi(self, img, roi, p: Params2D, value_range, progress) -> np.ndarray:
+        if roi.shape != img.shape:
+            raise PanoptemError(
+                f"The ROI mask has shape {roi.shape} but the image has shape {img.shape}; "
+                "draw the ROI on a layer of the image's shape."
+            )
+        roi = roi.astype(bool)
+        if not roi.any():
+            raise PanoptemError("The ROI mask is empty; draw a region to segment.")
+        ys, xs = np.nonzero(roi.any(1))[0], np.nonzero(roi.any(0))[0]
+        box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        vr = value_range if value_range is not None else pre.intensity_range(img)
+        # outside the ROI: intensity 0 (the darkest value of the whole image's scaling)
+        crop = np.where(roi[box], img[box], 0 if vr is None else vr[0]).astype(img.dtype)
+        seg = self.segment(crop, p, value_range=vr, progress=progress)
+        out = np.zeros(img.shape, dtype=np.int32)
+        out[box] = np.where(roi[box], seg, 0)
+        return out
+
+    def segment_batch(self, images, params: Params2D | None = None, *,
+                      progress: Progress | None = None, **overrides) -> np.ndarray:
+        """Segment every image of a stack (N, H, W) or a list of 2D images.
+
+        Images of different sizes are zero-padded at the bottom/right to the largest one
+        and stacked (as the original's batch mode). Non-uint8 stacks are scaled with the
+        intensity range of the whole stack. Progress: one step per image.
+
+        Returns
+        -------
+        ndarray (N, H, W) int32.
+        """
+        p = replace(params or Params2D(), **overrides).validated()
+        if isinstance(images, np.ndarray) and images.ndim == 2:
+            images = images[None]
+        if isinstance(images, np.ndarray) and images.ndim != 3:
+            raise PanoptemError(
+                f"Batch mode takes a stack (N, H, W) of 2D images; got shape {images.shape}."
+            )
+        images = [pre.check_image_2d(im, what=f"image {i}") for i, im in enumerate(images)]
+        if not images:
+            raise PanoptemError("The batch is empty; give at least one image.")
+        ranges = [pre.intensity_range(im) for im in images]
+        vr = None
+        if all(r is not None for r in ranges) and len({im.dtype for im in images}) == 1:
+            vr = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+        prog = ensure_progress(progress)
+        prog.stage("images", len(images))
+        results = []
+        for im in images:
+            results.append(self.segment(im, p, value_range=vr))
+            prog.advance()
+        H = max(r.shape[0] for r in results)
+        W = max(r.shape[1] for r in results)
+        out = np.zeros((len(results), H, W), dtype=np.int32)
+        for i, r in enumerate(results):
+            out[i, : r.shape[0], : r.shape[1]] = r
+        return out

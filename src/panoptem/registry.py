@@ -1,0 +1,760 @@
+"""The model registry: built-in and user model configs, model files, loading onto a device.
+
+A model is known by the stem of its config file, a YAML in empanada-napari's format (keys
+``class_names``, ``labels``, ``thing_list``, ``model``, ``model_quantized``, ``norms``,
+``padding_factor``, ``description``, ``FINETUNE``). Built-in configs ship in
+``panoptem/configs``; user configs live in :func:`config_dir` (``~/.empanada/configs`` by
+default, the folder empanada-napari uses, so models registered with the original appear
+here too). A user config with the same stem as a built-in one replaces it.
+
+Model files are TorchScript ``.pth`` files given as a local path or an http(s) URL. URLs are
+downloaded once into :func:`home_dir` under the last part of the URL path (as the original
+does, so its downloads are reused). Two optional keys that the original ignores,
+``model_hash`` and ``model_quantized_hash`` (``"sha256:<hex>"``), make panoptem verify the
+downloads.
+
+Environment variables
+---------------------
+``PANOPTEM_HOME``
+    Folder for downloaded model files and (under ``configs/``) user configs; default
+    ``~/.empanada``.
+``PANOPTEM_OFFLINE``
+    ``1`` forbids network access: a model file that is not cached yet fails at once with a
+    message saying where to place it by hand.
+
+Nothing is created or changed at import time; folders are created only when writing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import textwrap
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from panoptem import _download
+from panoptem.errors import Cancelled, PanoptemError
+from panoptem.progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "HOME_ENV",
+    "REQUIRED_KEYS",
+    "ModelInfo",
+    "LoadedModel",
+    "home_dir",
+    "config_dir",
+    "builtin_config_dir",
+    "list_models",
+    "get_config",
+    "read_config",
+    "register_model",
+    "model_info",
+    "fetch_file",
+    "load_model",
+    "clear_model_cache",
+]
+
+#: Environment variable that moves the model cache and user config folder.
+HOME_ENV = "PANOPTEM_HOME"
+#: Keys every model config must have.
+REQUIRED_KEYS = ("model", "norms", "padding_factor", "class_names", "labels", "thing_list")
+
+_BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
+_QUANT_ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
+_OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
+
+
+# --------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------
+def home_dir() -> Path:
+    """Folder of downloaded model files: ``$PANOPTEM_HOME`` if set, else ``~/.empanada``.
+
+    Not created here; it is created when the first file is written into it.
+    """
+    env = os.environ.get(HOME_ENV, "").strip()
+    return Path(env).expanduser().absolute() if env else Path.home() / ".empanada"
+
+
+def config_dir() -> Path:
+    """Folder of user-registered model configs: ``home_dir() / "configs"``."""
+    return home_dir() / "configs"
+
+
+def builtin_config_dir() -> Path:
+    """Folder of the configs shipped with panoptem (read-only)."""
+    return _BUILTIN_DIR
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+def _yaml_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.name[: -len(".yaml")]: p for p in sorted(folder.glob("*.yaml")) if p.is_file()}
+
+
+def _config_paths() -> dict[str, Path]:
+    """Model name -> config file, built-ins first (sorted), then user-only configs (sorted)."""
+    builtin = _yaml_files(_BUILTIN_DIR)
+    user = _yaml_files(config_dir())
+    paths = {name: user.get(name, path) for name, path in sorted(builtin.items())}
+    paths.update((name, path) for name, path in sorted(user.items()) if name not in builtin)
+    return paths
+
+
+def list_models() -> list[str]:
+    """Names of every available model.
+
+    Built-in names come first (sorted), then user-registered ones (sorted). A user config
+    whose name equals a built-in one replaces it and is listed once, in the built-in's place.
+    The folder is read at every call, so newly registered models show up immediately.
+    """
+    return list(_config_paths())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_config(config: Any, source: str) -> dict:
+    """Check the structure of a model config; return it. ``source`` names it in messages."""
+    fix = "Fix the file (the built-in MitoNet_v1.yaml shows the expected format)."
+
+    def fail(problem: str) -> PanoptemError:
+        return PanoptemError(f"Model config {source}: {problem}. {fix}")
+
+    if not isinstance(config, dict):
+        raise fail(f"expected a mapping of keys to values, found {type(config).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise fail(f"missing required key(s) {', '.join(missing)}")
+    if not isinstance(config["model"], str) or not config["model"].strip():
+        raise fail("'model' must be the URL or path of a TorchScript .pth file")
+    mq = config.get("model_quantized")
+    if mq is not None and (not isinstance(mq, str) or not mq.strip()):
+        raise fail("'model_quantized' must be a URL, a path or null")
+    norms = config["norms"]
+    if not (
+        isinstance(norms, dict)
+        and _is_number(norms.get("mean"))
+        and _is_number(norms.get("std"))
+        and norms["std"] > 0
+    ):
+        raise fail("'norms' must have a numeric 'mean' and a positive numeric 'std'")
+    if not _is_int(config["padding_factor"]) or config["padding_factor"] < 1:
+        raise fail(f"'padding_factor' must be a positive integer, got {config['padding_factor']!r}")
+    if not isinstance(config["class_names"], dict) or not config["class_names"]:
+        raise fail("'class_names' must map class ids to names, e.g. {1: mito}")
+    for key in ("labels", "thing_list"):
+        value = config[key]
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise fail(f"'{key}' must be a list of integer class ids, got {value!r}")
+    if not config["labels"]:
+        raise fail("'labels' must list at least one class id")
+    for key in ("model_hash", "model_quantized_hash"):
+        if config.get(key) is not None:
+            try:
+                _download.check_hash_spec(config[key])
+            except PanoptemError as exc:
+                raise fail(f"'{key}': {exc}") from None
+    finetune = config.get("FINETUNE")
+    if finetune is not None and not isinstance(finetune, dict):
+        raise fail("'FINETUNE' must be a mapping")
+    return config
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PanoptemError(
+            f"Model config {path} is not valid YAML{where}: {problem}. Fix or replace the file."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PanoptemError(f"Model config {path} cannot be read ({exc}).") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """Read and check a model-config YAML file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.yaml`` file in empanada's registry format.
+
+    Returns
+    -------
+    dict
+        The parsed config.
+
+    Raises
+    ------
+    PanoptemError
+        If the file is missing, is not YAML, or lacks required keys; the message names the
+        file and the problem.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PanoptemError(f"Model config {path} does not exist: check the path.")
+    return _validate_config(_load_yaml(path), str(path))
+
+
+def get_config(name: str) -> dict:
+    """The config of model ``name`` (a fresh copy each call).
+
+    Raises
+    ------
+    PanoptemError
+        Unknown name (the message lists the available ones), or a broken config file.
+    """
+    paths = _config_paths()
+    if name not in paths:
+        raise PanoptemError(
+            f"Unknown model '{name}'. Available models: {', '.join(paths) or 'none'}. "
+            "Use one of these names, or register the model first (register_model)."
+        )
+    return read_config(paths[name])
+
+
+# --------------------------------------------------------------------------------------
+# Registering
+# --------------------------------------------------------------------------------------
+def _model_source(value: str | os.PathLike, what: str, base_dirs: tuple[Path, ...]) -> str:
+    """Check a model file reference; URLs are kept, local paths become absolute paths."""
+    if isinstance(value, str) and _download.is_url(value):
+        _download.cache_name(value)  # syntax check only; no network at registration
+        return value.strip()
+    if isinstance(value, str) and "://" in value:
+        raise PanoptemError(
+            f"{what} '{value}' uses an unsupported scheme: give an http(s) URL or a local path."
+        )
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [b / path for b in base_dirs]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate.absolute())
+    tried = ", ".join(str(c.absolute()) for c in candidates)
+    raise PanoptemError(
+        f"{what} '{value}' is neither an http(s) URL nor an existing file (looked at: {tried}). "
+        "Correct the path or URL."
+    )
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise PanoptemError("The model name is empty: give the model a name.")
+    name = name.strip()
+    bad = set('/\\:*?"<>|') & set(name)
+    if bad or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise PanoptemError(
+            f"The model name '{name}' cannot be used as a file name: leave out "
+            '/ \\ : * ? " < > | and do not start it with a dot.'
+        )
+    return name
+
+
+def register_model(
+    name: str,
+    config_path: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    quantized_model: str | os.PathLike | None = None,
+) -> str:
+    """Register a model so that it appears in :func:`list_models`.
+
+    Writes ``config_dir() / "<name>.yaml"``. As in the original, a name that is already
+    taken gets ``"New"`` appended (repeatedly, until it is free), so nothing is overwritten.
+
+    Parameters
+    ----------
+    name : str
+        Model name (also the file stem of the written config).
+    config_path : str or PathLike
+        Model-config YAML (must end in ``.yaml``) in empanada's format.
+    model : str or PathLike, optional
+        Replaces the config's ``model``: an http(s) URL (only its syntax is checked; nothing
+        is downloaded now) or an existing local file, stored as an absolute path.
+    quantized_model : str or PathLike, optional
+        Replaces the config's ``model_quantized`` in the same way.
+
+    Returns
+    -------
+    str
+        The name the model was registered under.
+
+    Raises
+    ------
+    PanoptemError
+        Empty or unusable name, config not ``.yaml`` / missing / invalid, model file missing.
+
+    Warns
+    -----
+    UserWarning
+        If the config's own ``model_quantized`` is neither a URL nor an existing file; it is
+        then set to null so that the float model is used.
+    """
+    name = _check_name(name)
+    config_path = Path(config_path).expanduser()
+    if config_path.suffix.lower() != ".yaml":
+        raise PanoptemError(
+            f"The model config must be a .yaml file, got '{config_path}'. "
+            "Choose the model's .yaml config (rename a .yml file to .yaml)."
+        )
+    if not config_path.is_file():
+        raise PanoptemError(f"Model config {config_path} does not exist: check the path.")
+    config = _load_yaml(config_path)
+    if not isinstance(config, dict):
+        _validate_config(config, str(config_path))  # raises with a helpful message
+    config = dict(config)
+    here = (config_path.parent.absolute(), Path.cwd())
+
+    if model is not None and str(model).strip():
+        config["model"] = _model_source(model, "Model file", (Path.cwd(),))
+    elif isinstance(config.get("model"), str) and config["model"].strip():
+        config["model"] = _model_source(config["model"], f"'model' in {config_path}", here)
+    if quantized_model is not None and str(quantized_model).strip():
+        config["model_quantized"] = _model_source(
+            quantized_model, "Quantized model file", (Path.cwd(),)
+        )
+    elif isinstance(config.get("model_quantized"), str) and config["model_quantized"].strip():
+        try:
+            config["model_quantized"] = _model_source(
+                config["model_quantized"], f"'model_quantized' in {config_path}", here
+            )
+        except PanoptemError as exc:
+            warnings.warn(
+                f"{exc} The quantized model is left out; the float model will be used.",
+                UserWarning,
+                stacklevel=2,
+            )
+            config["model_quantized"] = None
+    config.setdefault("model_quantized", None)
+    _validate_config(config, str(config_path))
+
+    taken = set(list_models())
+    while name in taken:
+        name += "New"
+    out_dir = config_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".yaml.tmp", dir=out_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+            os.replace(tmp, out_dir / f"{name}.yaml")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise PanoptemError(
+            f"Could not write the config into {out_dir} ({exc}). Make the folder writable "
+            f"or set {HOME_ENV} to a writable folder."
+        ) from None
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# Info
+# --------------------------------------------------------------------------------------
+@dataclass
+class ModelInfo:
+    """What a model config says about a model.
+
+    Attributes
+    ----------
+    name : str
+    description : str
+        Free text from the config ('' when absent).
+    padding_factor : int
+        Image height and width are zero-padded up to a multiple of this (pixels).
+    label_divisor : int or None
+        ``FINETUNE.engine_params.label_divisor`` (used when finetuning), if present.
+    class_names : dict[int, str]
+    thing_list : list[int]
+        Instance ("thing") classes; the other ``labels`` are semantic ("stuff") classes.
+    labels : list[int]
+    model, model_quantized : str or None
+        URL or path of the float and the quantized TorchScript files.
+    norms : dict
+        ``{"mean": float, "std": float}`` as fractions of the maximum pixel value.
+    """
+
+    name: str
+    description: str
+    padding_factor: int
+    label_divisor: int | None
+    class_names: dict[int, str]
+    thing_list: list[int]
+    labels: list[int]
+    model: str
+    model_quantized: str | None
+    norms: dict[str, float]
+
+    @classmethod
+    def from_config(cls, name: str, config: dict) -> ModelInfo:
+        """Build from a (checked) config dict."""
+        engine = (config.get("FINETUNE") or {}).get("engine_params") or {}
+        divisor = engine.get("label_divisor") if isinstance(engine, dict) else None
+        return cls(
+            name=name,
+            description=" ".join(str(config.get("description") or "").split()),
+            padding_factor=int(config["padding_factor"]),
+            label_divisor=int(divisor) if _is_int(divisor) else None,
+            class_names=dict(config["class_names"]),
+            thing_list=list(config["thing_list"]),
+            labels=list(config["labels"]),
+            model=config["model"],
+            model_quantized=config.get("model_quantized"),
+            norms=dict(config["norms"]),
+        )
+
+    def summary(self) -> str:
+        """Readable multi-line text: description, padding, label divisor, classes, files."""
+        classes = []
+        for label in self.labels:
+            kind = "instance" if label in self.thing_list else "semantic"
+            classes.append(f"    {label}: {self.class_names.get(label, '?')} ({kind})")
+        divisor = self.label_divisor if self.label_divisor is not None else "not given"
+        lines = [
+            f"Model: {self.name}",
+            textwrap.fill(
+                f"Description: {self.description or '(none)'}", width=88, subsequent_indent="  "
+            ),
+            f"Required patch divisibility (padding factor): {self.padding_factor} pixels; "
+            "images are zero-padded to a multiple of it",
+            f"Label divisor (finetuning): {divisor}",
+            "Classes:",
+            *classes,
+            f"Normalisation: mean {self.norms.get('mean')}, std {self.norms.get('std')} "
+            "(fractions of the maximum pixel value)",
+            f"Model file: {self.model}",
+            f"Quantized model file: {self.model_quantized or 'none'}",
+        ]
+        return "\n".join(lines)
+
+
+def model_info(name: str) -> ModelInfo:
+    """Information about registered model ``name`` (see :class:`ModelInfo`)."""
+    return ModelInfo.from_config(name, get_config(name))
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+def fetch_file(
+    url_or_path: str | os.PathLike,
+    known_hash: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """A local file for a model reference, downloading and caching URLs.
+
+    Parameters
+    ----------
+    url_or_path : str or PathLike
+        A local path (returned as it is if it exists) or an http(s) URL. A URL's file is
+        kept in :func:`home_dir` under the last part of the URL path (query dropped).
+    known_hash : str, optional
+        ``"sha256:<hex>"`` checksum of the URL's file; checked on download and on a cached
+        file (which is downloaded again if it differs). Not applied to local paths.
+    progress : Progress, optional
+        Download progress in bytes; a cancel request stops the download cleanly.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    PanoptemError
+        Missing local file; offline (``PANOPTEM_OFFLINE=1``) with the file not cached; any
+        network or HTTP failure; checksum mismatch. The message names the URL, the HTTP
+        status if any, and the exact path where the file can be placed by hand.
+    """
+    if isinstance(url_or_path, str) and _download.is_url(url_or_path):
+        return _download.download_cached(url_or_path.strip(), home_dir(), known_hash, progress)
+    if isinstance(url_or_path, str) and "://" in url_or_path:
+        raise PanoptemError(
+            f"'{url_or_path}' uses an unsupported scheme: give an http(s) URL or a local path."
+        )
+    path = Path(url_or_path).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise PanoptemError(
+            f"Model file {path} {what}. Correct the path (in the model config or the "
+            "argument), or register the model again with the right file."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A TorchScript model ready for inference, with the config it came from.
+
+    Attributes
+    ----------
+    module : torch.jit.ScriptModule
+        In eval mode; call as ``module(x, render_steps, interpolate_ins)`` with ``x`` a
+        (1, 1, H, W) float32 tensor, H and W multiples of the padding factor.
+    config : dict
+        The model config (a copy; changing it does not affect the registry).
+    device : torch.device
+        Where the module's weights live.
+    quantized : bool
+        Whether the quantized file is the one actually in use.
+    path : Path or None
+        The local file the module was loaded from.
+    """
+
+    module: torch.jit.ScriptModule
+    config: dict
+    device: torch.device
+    quantized: bool
+    path: Path | None = None
+
+
+# (resolved path, device, quantized) -> ((size, mtime_ns), module). The file signature makes a
+# file that was overwritten (e.g. by a new finetuning run) load afresh.
+_model_cache: dict[tuple[str, str, bool], tuple[tuple[int, int], Any]] = {}
+_failed_quantized: dict[tuple[str, tuple[int, int]], str] = {}
+_cache_lock = threading.RLock()
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model (the next :func:`load_model` reads the file again)."""
+    with _cache_lock:
+        _model_cache.clear()
+        _failed_quantized.clear()
+
+
+def _resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
+    if isinstance(name_or_config, dict):
+        return "", _validate_config(copy.deepcopy(name_or_config), "(given dict)")
+    if isinstance(name_or_config, str | os.PathLike):
+        text = os.fspath(name_or_config)
+        if text in _config_paths():
+            return text, get_config(text)
+        if text.lower().endswith(".yaml") and Path(text).expanduser().is_file():
+            return text, read_config(text)
+        return text, get_config(text)  # raises: unknown model, listing the known ones
+    raise PanoptemError(
+        f"Expected a model name or a config dict, got {type(name_or_config).__name__}."
+    )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    import torch
+
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device).strip())
+    except (RuntimeError, TypeError, ValueError):
+        raise PanoptemError(
+            f"Unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N = GPU index)."
+        ) from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no usable GPU"
+            raise PanoptemError(
+                f"Device '{dev}' was requested but CUDA is not available ({build}). "
+                "Use device='cpu', or install a CUDA build of torch on a machine with an "
+                "NVIDIA GPU."
+            )
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= count:
+            raise PanoptemError(
+                f"Device '{dev}' was requested but only {count} GPU(s) exist "
+                f"(cuda:0 .. cuda:{count - 1}): choose an existing index."
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PanoptemError("Device 'mps' was requested but is not available: use 'cpu'.")
+        return dev
+    raise PanoptemError(f"Device '{dev}' is not supported: use 'cpu', 'cuda' or 'cuda:N'.")
+
+
+def _file_signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _jit_load(path: Path, device: torch.device, source: str) -> Any:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is the model format of empanada; its deprecation notice is noise here.
+            warnings.filterwarnings(
+                "ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning
+            )
+            module = torch.jit.load(str(path), map_location=device)
+    except Cancelled:
+        raise
+    except Exception as exc:
+        reason = _download._short(exc)
+        if _download.is_url(source):
+            advice = (
+                f"It is the downloaded copy of {source}: delete {path} and load the model "
+                "again to download a fresh copy."
+            )
+        else:
+            advice = (
+                "If it is a training checkpoint or a state dict, export it to TorchScript "
+                "first (torch.jit.script + torch.jit.save, or panoptem's export); if it was "
+                "copied or downloaded, copy or download it again."
+            )
+        raise PanoptemError(
+            f"{path} is not a loadable TorchScript model ({reason}). {advice}"
+        ) from None
+    module.eval()
+    return module
+
+
+def _ensure_quantized_engine() -> None:
+    """Pick a quantized CPU backend if torch has none selected (done at load, not import)."""
+    import torch
+
+    if torch.backends.quantized.engine != "none":
+        return
+    supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    for engine in (*_QUANT_ENGINE_PREFERENCE, *supported):
+        if engine in supported:
+            torch.backends.quantized.engine = engine
+            return
+    raise PanoptemError("this torch build has no quantized CPU backend")
+
+
+def _smoke_test(module: Any, padding_factor: int) -> None:
+    """Run a zero image of one padding unit through the model; raise if anything is wrong."""
+    import torch
+
+    x = torch.zeros(1, 1, padding_factor, padding_factor)
+    with torch.no_grad():
+        out = module(x, 2, True)
+    if not isinstance(out, dict) or any(k not in out for k in _OUTPUT_KEYS):
+        raise RuntimeError(f"the model does not return the outputs {', '.join(_OUTPUT_KEYS)}")
+
+
+def _load_cached(
+    source: str,
+    known_hash: str | None,
+    device: torch.device,
+    quantized: bool,
+    padding_factor: int,
+    progress: Progress | None,
+) -> tuple[Any, Path]:
+    path = fetch_file(source, known_hash=known_hash, progress=progress)
+    resolved = path.resolve()
+    key = (str(resolved), str(device), quantized)
+    signature = _file_signature(resolved)
+    with _cache_lock:
+        hit = _model_cache.get(key)
+        if hit is not None and hit[0] == signature:
+            return hit[1], path
+        if quantized and (str(resolved), signature) in _failed_quantized:
+            raise RuntimeError(_failed_quantized[(str(resolved), signature)])
+        try:
+            module = _jit_load(path, device, source)
+            if quantized:
+                _smoke_test(module, padding_factor)
+        except Cancelled:
+            raise
+        except Exception as exc:
+            if quantized:
+                _failed_quantized[(str(resolved), signature)] = _download._short(exc)
+            raise
+        _model_cache[key] = (signature, module)
+        return module, path
+
+
+def load_model(
+    name_or_config: str | dict,
+    device: str | torch.device = "cpu",
+    quantized: bool = False,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load a model's TorchScript file onto a device, downloading it first if needed.
+
+    Loaded modules are cached per (file, device, quantized): calling again returns the same
+    module object without reading the file (until :func:`clear_model_cache` or the file
+    changes on disk).
+
+    Parameters
+    ----------
+    name_or_config : str or dict
+        A registered model name, the path of a config ``.yaml``, or a config dict.
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    quantized : bool
+        Use the config's ``model_quantized`` file. Honoured only on CPU and when the config
+        has one (as in the original); otherwise the float model is used. A quantized file
+        that cannot be fetched, loaded or run on a zero test image falls back to the float
+        model with a warning.
+    progress : Progress, optional
+        Receives download progress.
+
+    Returns
+    -------
+    LoadedModel
+        ``quantized`` tells which file is actually in use.
+
+    Raises
+    ------
+    PanoptemError
+        Unknown model or broken config, unavailable device, file missing or not
+        downloadable, file not TorchScript.
+
+    Warns
+    -----
+    UserWarning
+        When a requested quantized model is unusable and the float model is used instead.
+    """
+    name, config = _resolve_config(name_or_config)
+    dev = _resolve_device(device)
+    pf = int(config["padding_factor"])
+
+    if quantized and dev.type == "cpu" and config.get("model_quantized"):
+        source = config["model_quantized"]
+        try:
+            _ensure_quantized_engine()
+            module, path = _load_cached(
+                source, config.get("model_quantized_hash"), dev, True, pf, progress
+            )
+            return LoadedModel(module, config, dev, True, path)
+        except Cancelled:
+            raise
+        except Exception as exc:
+            which = f"of '{name}' " if name else ""
+            warnings.warn(
+                f"The quantized model {which}({source}) cannot be used "
+                f"({_download._short(exc)}); using the float model instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    module, path = _load_cached(config["model"], config.get("model_hash"), dev, False, pf, progress)
+    return LoadedModel(module, config, dev, False, path)

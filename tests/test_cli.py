@@ -1,0 +1,89 @@
+"""The command line: models, segment and demo, with one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+from PIL import Image
+
+from conftest import model_config
+from panoptem.cli import main
+
+
+@pytest.fixture
+def registered(small_model_file, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    yaml.safe_dump(model_config("x.pth"), cfg.open("w"))
+    assert main(["models", "register", "CliSmall", str(cfg), "--model", str(small_model_file)]) == 0
+    return "CliSmall"
+
+
+def test_models_list_and_info(capsys, registered):
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[:4] == sorted(["MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "DropNet_base_v1"])
+    assert "CliSmall" in names
+    assert main(["models", "info", "MitoNet_v1"]) == 0
+    out = capsys.readouterr().out
+    assert "16" in out and "mito" in out
+
+
+def test_segment_png_to_tif(tmp_path, registered, lucchi_image, capsys):
+    src = tmp_path / "img.png"
+    Image.fromarray(lucchi_image[:256, :256]).save(src)
+    out = tmp_path / "out" / "labels.tif"
+    rc = main(["segment", str(src), "-o", str(out), "--model", registered, "--quiet",
+               "--confidence-thr", "0.3", "--tile-size", "128"])
+    assert rc == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (256, 256) and labels.dtype in (np.uint8, np.uint16, np.int32)
+    assert "labels in" in capsys.readouterr().out
+
+
+def test_segment_stack_and_folder(tmp_path, registered, lucchi_image):
+    stack = np.stack([lucchi_image[:128, :128], lucchi_image[128:256, :128]])
+    np.save(tmp_path / "stack.npy", stack)
+    out = tmp_path / "stack.tif"
+    assert main(["segment", str(tmp_path / "stack.npy"), "-o", str(out), "--model", registered, "--quiet"]) == 0
+    assert tifffile.imread(out).shape == (2, 128, 128)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"s{i}.tif", stack[i])
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["segment", str(folder), "-o", str(tmp_path / "res"), "--model", registered, "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["s0_labels.tif", "s1_labels.tif"]
+
+
+@pytest.mark.parametrize("argv_tail,match", [
+    (["--model", "NoSuchModel"], "NoSuchModel"),
+    (["--max-objects", "1"], "Max objects"),
+])
+def test_segment_errors_are_one_line(tmp_path, capsys, lucchi_image, argv_tail, match):
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, lucchi_image[:64, :64])
+    rc = main(["segment", str(src), "-o", str(tmp_path / "o.tif"), *argv_tail])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("panoptem: error:") and match in err
+    assert len(err.splitlines()) == 1
+
+
+def test_segment_rgb_and_missing_file(tmp_path, capsys, registered):
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(rgb)
+    assert main(["segment", str(rgb), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
+    assert "RGB" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_demo_writes_labels_and_picture(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
+    labels = tifffile.imread(tmp_path / "demo" / "labels.tif")
+    assert labels.shape == (512, 512)
+    picture = np.asarray(Image.open(tmp_path / "demo" / "overlay.png"))
+    assert picture.shape == (512, 512, 3)
+    assert "objects in" in capsys.readouterr().out

@@ -1,0 +1,38 @@
+"""The core library imports neither napari nor Qt, and has no side effects at import."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORE_MODULES = [
+    "panoptem", "panoptem.registry", "panoptem.models", "panoptem.inference.engine",
+    "panoptem.inference.postprocess", "panoptem.inference.tiling", "panoptem.cli",
+    "panoptem.io", "panoptem.demo", "panoptem.progress",
+]
+
+
+def test_core_imports_without_gui_and_side_effects(tmp_path):
+    home = tmp_path / "never_created"
+    code = (
+        "import sys, torch\n"
+        "hub = torch.hub.get_dir()\n"
+        f"for m in {CORE_MODULES!r}: __import__(m)\n"
+        "gui = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('napari', 'qtpy', 'magicgui', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'superqt'))\n"
+        "assert not gui, gui\n"
+        "assert torch.hub.get_dir() == hub, 'torch hub dir changed at import'\n"
+    )
+    env = dict(os.environ, PANOPTEM_HOME=str(home))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    assert not home.exists(), "importing panoptem created its home folder"
+
+
+def test_import_linter_contract():
+    """The import-linter contract in pyproject.toml (core never imports napari/Qt) holds."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
