@@ -27,11 +27,9 @@ Nothing is created or changed at import time; folders are created only when writ
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import textwrap
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from panoptem import _download
-from panoptem.errors import Cancelled, PanoptemError
+from panoptem.errors import PanoptemError
 from panoptem.progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
 
 __all__ = [
     "HOME_ENV",
@@ -70,8 +68,6 @@ HOME_ENV = "PANOPTEM_HOME"
 REQUIRED_KEYS = ("model", "norms", "padding_factor", "class_names", "labels", "thing_list")
 
 _BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
-_QUANT_ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
-_OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
 
 
 # --------------------------------------------------------------------------------------
@@ -505,256 +501,5 @@ def fetch_file(
     return path
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    """A TorchScript model ready for inference, with the config it came from.
-
-    Attributes
-    ----------
-    module : torch.jit.ScriptModule
-        In eval mode; call as ``module(x, render_steps, interpolate_ins)`` with ``x`` a
-        (1, 1, H, W) float32 tensor, H and W multiples of the padding factor.
-    config : dict
-        The model config (a copy; changing it does not affect the registry).
-    device : torch.device
-        Where the module's weights live.
-    quantized : bool
-        Whether the quantized file is the one actually in use.
-    path : Path or None
-        The local file the module was loaded from.
-    """
-
-    module: torch.jit.ScriptModule
-    config: dict
-    device: torch.device
-    quantized: bool
-    path: Path | None = None
-
-
-# (resolved path, device, quantized) -> ((size, mtime_ns), module). The file signature makes a
-# file that was overwritten (e.g. by a new finetuning run) load afresh.
-_model_cache: dict[tuple[str, str, bool], tuple[tuple[int, int], Any]] = {}
-_failed_quantized: dict[tuple[str, tuple[int, int]], str] = {}
-_cache_lock = threading.RLock()
-
-
-def clear_model_cache() -> None:
-    """Forget every loaded model (the next :func:`load_model` reads the file again)."""
-    with _cache_lock:
-        _model_cache.clear()
-        _failed_quantized.clear()
-
-
-def _resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
-    if isinstance(name_or_config, dict):
-        return "", _validate_config(copy.deepcopy(name_or_config), "(given dict)")
-    if isinstance(name_or_config, str | os.PathLike):
-        text = os.fspath(name_or_config)
-        if text in _config_paths():
-            return text, get_config(text)
-        if text.lower().endswith(".yaml") and Path(text).expanduser().is_file():
-            return text, read_config(text)
-        return text, get_config(text)  # raises: unknown model, listing the known ones
-    raise PanoptemError(
-        f"Expected a model name or a config dict, got {type(name_or_config).__name__}."
-    )
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    import torch
-
-    try:
-        dev = device if isinstance(device, torch.device) else torch.device(str(device).strip())
-    except (RuntimeError, TypeError, ValueError):
-        raise PanoptemError(
-            f"Unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N = GPU index)."
-        ) from None
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build of torch" if torch.version.cuda is None else "no usable GPU"
-            raise PanoptemError(
-                f"Device '{dev}' was requested but CUDA is not available ({build}). "
-                "Use device='cpu', or install a CUDA build of torch on a machine with an "
-                "NVIDIA GPU."
-            )
-        count = torch.cuda.device_count()
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= count:
-            raise PanoptemError(
-                f"Device '{dev}' was requested but only {count} GPU(s) exist "
-                f"(cuda:0 .. cuda:{count - 1}): choose an existing index."
-            )
-        return torch.device("cuda", index)
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise PanoptemError("Device 'mps' was requested but is not available: use 'cpu'.")
-        return dev
-    raise PanoptemError(f"Device '{dev}' is not supported: use 'cpu', 'cuda' or 'cuda:N'.")
-
-
-def _file_signature(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _jit_load(path: Path, device: torch.device, source: str) -> Any:
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            # TorchScript is the model format of empanada; its deprecation notice is noise here.
-            warnings.filterwarnings(
-                "ignore", r"`torch\.jit\.load` is deprecated", DeprecationWarning
-            )
-            module = torch.jit.load(str(path), map_location=device)
-    except Cancelled:
-        raise
-    except Exception as exc:
-        reason = _download._short(exc)
-        if _download.is_url(source):
-            advice = (
-                f"It is the downloaded copy of {source}: delete {path} and load the model "
-                "again to download a fresh copy."
-            )
-        else:
-            advice = (
-                "If it is a training checkpoint or a state dict, export it to TorchScript "
-                "first (torch.jit.script + torch.jit.save, or panoptem's export); if it was "
-                "copied or downloaded, copy or download it again."
-            )
-        raise PanoptemError(
-            f"{path} is not a loadable TorchScript model ({reason}). {advice}"
-        ) from None
-    module.eval()
-    return module
-
-
-def _ensure_quantized_engine() -> None:
-    """Pick a quantized CPU backend if torch has none selected (done at load, not import)."""
-    import torch
-
-    if torch.backends.quantized.engine != "none":
-        return
-    supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
-    for engine in (*_QUANT_ENGINE_PREFERENCE, *supported):
-        if engine in supported:
-            torch.backends.quantized.engine = engine
-            return
-    raise PanoptemError("this torch build has no quantized CPU backend")
-
-
-def _smoke_test(module: Any, padding_factor: int) -> None:
-    """Run a zero image of one padding unit through the model; raise if anything is wrong."""
-    import torch
-
-    x = torch.zeros(1, 1, padding_factor, padding_factor)
-    with torch.no_grad():
-        out = module(x, 2, True)
-    if not isinstance(out, dict) or any(k not in out for k in _OUTPUT_KEYS):
-        raise RuntimeError(f"the model does not return the outputs {', '.join(_OUTPUT_KEYS)}")
-
-
-def _load_cached(
-    source: str,
-    known_hash: str | None,
-    device: torch.device,
-    quantized: bool,
-    padding_factor: int,
-    progress: Progress | None,
-) -> tuple[Any, Path]:
-    path = fetch_file(source, known_hash=known_hash, progress=progress)
-    resolved = path.resolve()
-    key = (str(resolved), str(device), quantized)
-    signature = _file_signature(resolved)
-    with _cache_lock:
-        hit = _model_cache.get(key)
-        if hit is not None and hit[0] == signature:
-            return hit[1], path
-        if quantized and (str(resolved), signature) in _failed_quantized:
-            raise RuntimeError(_failed_quantized[(str(resolved), signature)])
-        try:
-            module = _jit_load(path, device, source)
-            if quantized:
-                _smoke_test(module, padding_factor)
-        except Cancelled:
-            raise
-        except Exception as exc:
-            if quantized:
-                _failed_quantized[(str(resolved), signature)] = _download._short(exc)
-            raise
-        _model_cache[key] = (signature, module)
-        return module, path
-
-
-def load_model(
-    name_or_config: str | dict,
-    device: str | torch.device = "cpu",
-    quantized: bool = False,
-    progress: Progress | None = None,
-) -> LoadedModel:
-    """Load a model's TorchScript file onto a device, downloading it first if needed.
-
-    Loaded modules are cached per (file, device, quantized): calling again returns the same
-    module object without reading the file (until :func:`clear_model_cache` or the file
-    changes on disk).
-
-    Parameters
-    ----------
-    name_or_config : str or dict
-        A registered model name, the path of a config ``.yaml``, or a config dict.
-    device : str or torch.device
-        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    quantized : bool
-        Use the config's ``model_quantized`` file. Honoured only on CPU and when the config
-        has one (as in the original); otherwise the float model is used. A quantized file
-        that cannot be fetched, loaded or run on a zero test image falls back to the float
-        model with a warning.
-    progress : Progress, optional
-        Receives download progress.
-
-    Returns
-    -------
-    LoadedModel
-        ``quantized`` tells which file is actually in use.
-
-    Raises
-    ------
-    PanoptemError
-        Unknown model or broken config, unavailable device, file missing or not
-        downloadable, file not TorchScript.
-
-    Warns
-    -----
-    UserWarning
-        When a requested quantized model is unusable and the float model is used instead.
-    """
-    name, config = _resolve_config(name_or_config)
-    dev = _resolve_device(device)
-    pf = int(config["padding_factor"])
-
-    if quantized and dev.type == "cpu" and config.get("model_quantized"):
-        source = config["model_quantized"]
-        try:
-            _ensure_quantized_engine()
-            module, path = _load_cached(
-                source, config.get("model_quantized_hash"), dev, True, pf, progress
-            )
-            return LoadedModel(module, config, dev, True, path)
-        except Cancelled:
-            raise
-        except Exception as exc:
-            which = f"of '{name}' " if name else ""
-            warnings.warn(
-                f"The quantized model {which}({source}) cannot be used "
-                f"({_download._short(exc)}); using the float model instead.",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    module, path = _load_cached(config["model"], config.get("model_hash"), dev, False, pf, progress)
-    return LoadedModel(module, config, dev, False, path)
+# loading lives in its own module; these names stay importable from the registry
+from panoptem.loading import LoadedModel, clear_model_cache, load_model  # noqa: E402
