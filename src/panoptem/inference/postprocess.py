@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 from panoptem.errors import PanoptemError
 
 __all__ = [
+    "class_mask",
     "semantic_probabilities",
     "harden_semantic",
     "find_instance_centers",
@@ -38,6 +39,18 @@ __all__ = [
     "relabel_connected",
     "fill_holes",
 ]
+
+
+def class_mask(classes_map: np.ndarray, classes) -> np.ndarray:
+    """Boolean mask of the pixels whose (non-negative integer) class is in ``classes``.
+
+    A lookup table instead of ``np.isin``: several times faster on class maps.
+    """
+    classes = [int(c) for c in classes]
+    top = int(classes_map.max()) if classes_map.size else 0
+    lut = np.zeros(max(top, *classes, 0) + 1, dtype=bool)
+    lut[[c for c in classes if c >= 0]] = True
+    return lut[classes_map]
 
 
 def semantic_probabilities(sem_logits: torch.Tensor) -> torch.Tensor:
@@ -152,7 +165,7 @@ def merge_semantic_and_instance(sem: np.ndarray, ins: np.ndarray, thing_list, la
     thing_list = [int(c) for c in thing_list]
     ncls = int(sem.max()) + 1 if sem.size else 1
     out = np.full(sem.shape, void_label, dtype=np.int32)
-    is_thing = np.isin(sem, thing_list) if thing_list else np.zeros(sem.shape, bool)
+    is_thing = class_mask(sem, thing_list)
     ins_t = np.where(is_thing, ins, 0)
     n_ids = int(ins_t.max()) if ins_t.size else 0
     if n_ids > 0:
@@ -215,7 +228,8 @@ def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets
     """
     sem = harden_semantic(semantic_probabilities(sem_logits), confidence_thr).cpu().numpy()
     things = [] if semantic_only else list(thing_list)
-    if not things or not np.isin(sem, things).any():
+    thing_mask = class_mask(sem, things)
+    if not thing_mask.any():
         return merge_semantic_and_instance(sem, np.zeros(sem.shape, dtype=np.int32), things,
                                            label_divisor, stuff_area, void_label)
     H, W = sem.shape
@@ -228,7 +242,7 @@ def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets
             f"{downsampling}); the model file does not follow the empanada interface."
         )
     centers = find_instance_centers(ctr_hmp, center_threshold, min_distance)
-    grid_mask = _block_any(np.isin(sem, things), factor, (h, w))
+    grid_mask = _block_any(thing_mask, factor, (h, w))
     ins = group_pixels(centers, offsets.float().cpu().numpy(), step=factor // downsampling,
                        mask=grid_mask)
     if factor > 1:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from panoptem.inference.postprocess import class_mask
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["Tile", "axis_tiles", "tile_grid", "stitch_tiles", "segment_tiled"]
@@ -113,7 +114,9 @@ def stitch_tiles(shape: tuple[int, int], tiles: list[Tile], results: list[np.nda
     out = np.zeros(shape, dtype=np.int32)
     # stuff: union over tiles
     for t, res in zip(tiles, results, strict=True):
-        is_stuff = (res > 0) & (res % label_divisor == 0) & ~np.isin(res // label_divisor, thing_list)
+        cls, k = np.divmod(res, label_divisor)
+        is_thing_class = class_mask(cls, thing_list)
+        is_stuff = (res > 0) & (k == 0) & ~is_thing_class
         region = out[t.slices]
         region[is_stuff & (region == 0)] = res[is_stuff & (region == 0)]
     # things: nodes = (tile, compact id)
@@ -121,7 +124,8 @@ def stitch_tiles(shape: tuple[int, int], tiles: list[Tile], results: list[np.nda
     seams = _coverage(shape, tiles) >= 2
     n_nodes = 0
     for t, res in zip(tiles, results, strict=True):
-        things = np.where(np.isin(res // label_divisor, thing_list) & (res % label_divisor > 0), res, 0)
+        cls, k = np.divmod(res, label_divisor)
+        things = np.where(class_mask(cls, thing_list) & (k > 0), res, 0)
         comp, remap = fastremap.renumber(things.astype(np.int64), in_place=False, preserve_zero=True)
         comp = comp.astype(np.int64)
         k = len(remap) - (1 if 0 in remap else 0)
@@ -146,10 +150,11 @@ def stitch_tiles(shape: tuple[int, int], tiles: list[Tile], results: list[np.nda
         both = (a > 0) & (b > 0)
         if not both.any():
             continue
-        pairs = np.unique(np.stack([a[both] + offsets[i] - 1, b[both] + offsets[j] - 1]), axis=1)
-        same = node_class[pairs[0]] == node_class[pairs[1]]
-        rows.append(pairs[0][same])
-        cols.append(pairs[1][same])
+        # one edge per shared pixel; duplicates are harmless for connected components
+        ra, cb = a[both] + offsets[i] - 1, b[both] + offsets[j] - 1
+        same = node_class[ra] == node_class[cb]
+        rows.append(ra[same])
+        cols.append(cb[same])
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_nodes, n_nodes))
