@@ -137,8 +137,8 @@ class Engine2D:
         (sem_logits (C, Hp*s, Wp*s), ctr_hmp (h, w), offsets (2, h, w)) on the engine's
         device, where (Hp, Wp) is the downsampled image padded to the padding factor.
         """
-        x = pre.normalize(x255.to(self.device, non_blocking=True), self.norms)[None, None]
-        x = pre.pad_to_factor(pre.downsample(x, downsampling), self.padding_factor)
+        x = pre.downsample(x255.to(self.device, non_blocking=True)[None, None], downsampling)
+        x = pre.pad_to_factor(pre.normalize(x, self.norms), self.padding_factor)
         render_steps = 2 + int(math.log2(downsampling))
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -99,12 +99,16 @@ def normalize(x255: torch.Tensor, norms: dict) -> torch.Tensor:
 
 
 def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bilinear resize of a (1, 1, H, W) tensor to (ceil(H/f), ceil(W/f))."""
+    """Bilinear resize of a (1, 1, H, W) tensor of 0..255 values to (ceil(H/f), ceil(W/f)).
+
+    The result is rounded to whole grey levels, as the original's 8-bit resize does, so
+    downsampled inputs match the original's exactly.
+    """
     if factor == 1:
         return x
     h, w = x.shape[-2:]
     size = (math.ceil(h / factor), math.ceil(w / factor))
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return torch.floor(F.interpolate(x, size=size, mode="bilinear", align_corners=False) + 0.5)
 
 
 def pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
