@@ -17,7 +17,12 @@ import torch
 
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
-from panoptem.inference.postprocess import fill_holes, panoptic_from_heads, relabel_connected
+from panoptem.inference.postprocess import (
+    fill_holes,
+    panoptic_from_probs,
+    relabel_connected,
+    semantic_probabilities,
+)
 from panoptem.inference.tiling import segment_tiled, tile_grid
 from panoptem.progress import Progress, ensure_progress
 
@@ -154,19 +159,27 @@ class Engine2D:
                 f"follow the empanada model interface ({err})."
             ) from None
 
-    def _panoptic(self, x255: torch.Tensor, p: Params2D) -> np.ndarray:
-        """Untiled panoptic result of one image or tile, objects made connected."""
-        h, w = x255.shape
+    def outputs(self, x255: torch.Tensor, p: Params2D):
+        """Semantic probabilities, centre heat map and offsets of one image (see :meth:`heads`)."""
         sem, ctr, off = self.heads(x255, p.downsampling, p.fine_boundaries)
-        pan = panoptic_from_heads(
-            sem, ctr, off, thing_list=self.thing_list, label_divisor=p.max_objects,
+        return semantic_probabilities(sem), ctr, off
+
+    def panoptic(self, probs: torch.Tensor, ctr: torch.Tensor, off: torch.Tensor, p: Params2D,
+                 shape: tuple[int, int]) -> np.ndarray:
+        """Panoptic image of ``shape`` from :meth:`outputs`, objects made connected."""
+        pan = panoptic_from_probs(
+            probs, ctr, off, thing_list=self.thing_list, label_divisor=p.max_objects,
             downsampling=p.downsampling, confidence_thr=p.confidence_thr,
             center_threshold=p.center_confidence_thr, min_distance=p.min_distance,
             semantic_only=p.semantic_only,
-        )[:h, :w]
+        )[: shape[0], : shape[1]]
         if not p.semantic_only:
             pan = relabel_connected(pan, self.thing_list, p.max_objects)
         return pan
+
+    def _panoptic(self, x255: torch.Tensor, p: Params2D) -> np.ndarray:
+        """Untiled panoptic result of one image or tile, objects made connected."""
+        return self.panoptic(*self.outputs(x255, p), p, tuple(x255.shape))
 
     # ------------------------------------------------------------------ public calls
     def segment(self, image, params: Params2D | None = None, *, roi=None, value_range=None,

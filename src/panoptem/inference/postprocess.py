@@ -36,6 +36,7 @@ __all__ = [
     "group_pixels",
     "merge_semantic_and_instance",
     "panoptic_from_heads",
+    "panoptic_from_probs",
     "relabel_connected",
     "fill_holes",
 ]
@@ -202,17 +203,29 @@ def _block_any(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndar
 
 
 def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets: torch.Tensor,
+                        **kwargs) -> np.ndarray:
+    """Panoptic label image from one image's raw model outputs (logits, heat map, offsets).
+
+    The logits become probabilities (:func:`semantic_probabilities`); everything else is
+    :func:`panoptic_from_probs`, which takes the same keyword arguments.
+    """
+    return panoptic_from_probs(semantic_probabilities(sem_logits), ctr_hmp, offsets, **kwargs)
+
+
+def panoptic_from_probs(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, offsets: torch.Tensor,
                         *, thing_list, label_divisor: int = 10000, downsampling: int = 1,
                         confidence_thr: float = 0.5, center_threshold: float = 0.1,
                         min_distance: int = 3, stuff_area: int = 64, void_label: int = 0,
                         semantic_only: bool = False) -> np.ndarray:
-    """Panoptic label image from one image's model outputs.
+    """Panoptic label image from semantic probabilities and the instance heads.
+
+    3D inference calls this with median-filtered probabilities.
 
     Parameters
     ----------
-    sem_logits : Tensor (C, H, W)
-        Semantic logits at the output resolution: the padded model input size times
-        ``downsampling`` (PointRend renders them there).
+    sem_probs : Tensor (C, H, W)
+        Semantic probabilities at the output resolution: the padded model input size
+        times ``downsampling`` (PointRend renders the logits there).
     ctr_hmp : Tensor (h, w)
         Raw centre heat map, on the model input grid (fine boundaries) or its 1/4 grid.
     offsets : Tensor (2, h, w)
@@ -226,7 +239,7 @@ def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets
     -------
     ndarray (H, W) int32 panoptic ids (see :func:`merge_semantic_and_instance`).
     """
-    sem = harden_semantic(semantic_probabilities(sem_logits), confidence_thr).cpu().numpy()
+    sem = harden_semantic(sem_probs, confidence_thr).cpu().numpy()
     things = [] if semantic_only else list(thing_list)
     thing_mask = class_mask(sem, things)
     if not thing_mask.any():

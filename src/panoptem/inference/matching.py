@@ -1,0 +1,85 @@
+"""Matching instances between neighbouring slices so an object keeps one id through a stack.
+
+The rule (reference §6.2): objects of the new slice are paired one-to-one with objects of
+the target slice by the Hungarian algorithm on IoU; a pair with IoU >= 0.25 takes the
+target's id. A new object left unpaired whose intersection covers at least 25 % of its own
+area (IoA) for some target object takes that object's id (it is merged into it). Any other
+new object gets a fresh id (forward pass) or keeps its id (backward pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["overlap_table", "match_slice"]
+
+IOU_THR = 0.25
+IOA_THR = 0.25
+
+
+def overlap_table(a: np.ndarray, b: np.ndarray):
+    """Ids and pairwise intersections of two label images of the same shape.
+
+    Returns
+    -------
+    ids_a (n,), ids_b (m,), areas_a (n,), areas_b (m,), inter (n, m) int64; ids exclude 0.
+    """
+    fa, fb = a > 0, b > 0
+    ids_a, inv_a = np.unique(a[fa], return_inverse=True)
+    ids_b, inv_b = np.unique(b[fb], return_inverse=True)
+    area_a = np.bincount(inv_a, minlength=len(ids_a))
+    area_b = np.bincount(inv_b, minlength=len(ids_b))
+    both = fa & fb
+    ka = np.searchsorted(ids_a, a[both])
+    kb = np.searchsorted(ids_b, b[both])
+    inter = np.bincount(ka * len(ids_b) + kb, minlength=len(ids_a) * len(ids_b))
+    return ids_a, ids_b, area_a, area_b, inter.reshape(len(ids_a), len(ids_b))
+
+
+def match_slice(target: np.ndarray | None, labels: np.ndarray, next_label: int,
+                assign_new: bool = True) -> tuple[np.ndarray, int]:
+    """Relabel ``labels`` (one class of one slice) to agree with ``target``.
+
+    Parameters
+    ----------
+    target : ndarray (H, W) or None
+        The already matched previous slice (same class); None for the first slice, whose
+        labels are returned unchanged.
+    labels : ndarray (H, W) int
+        The new slice's objects (connected components), 0 = background.
+    next_label : int
+        The id a new object receives when ``assign_new``; incremented per new object.
+    assign_new : bool
+        True in the forward pass; False in the backward pass (unmatched objects keep
+        their ids).
+
+    Returns
+    -------
+    (relabelled slice int32, next_label)
+    """
+    labels = np.asarray(labels)
+    if target is None or not labels.any():
+        return labels.astype(np.int32, copy=False), next_label
+    ids_t, ids_n, area_t, area_n, inter = overlap_table(target, labels)
+    new_ids = ids_n.astype(np.int64).copy()
+    decided = np.zeros(len(ids_n), bool)
+    if len(ids_t):
+        iou = inter / (area_t[:, None] + area_n[None, :] - inter)
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        good = iou[rows, cols] >= IOU_THR
+        new_ids[cols[good]] = ids_t[rows[good]]
+        decided[cols[good]] = True
+        ioa = inter / area_n[None, :]
+        best = ioa.argmax(axis=0)
+        merge = ~decided & (ioa[best, np.arange(len(ids_n))] >= IOA_THR)
+        new_ids[merge] = ids_t[best[merge]]
+        decided |= merge
+    if assign_new:
+        fresh = np.nonzero(~decided)[0]
+        new_ids[fresh] = next_label + np.arange(len(fresh))
+        next_label += len(fresh)
+    lut_keys = np.concatenate([[0], ids_n])
+    lut_vals = np.concatenate([[0], new_ids])
+    out = lut_vals[np.searchsorted(lut_keys, labels)].astype(np.int32)
+    return out, next_label

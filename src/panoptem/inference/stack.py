@@ -1,0 +1,243 @@
+"""Stack inference: every slice of a volume along one axis through the 2D engine.
+
+Per slice (reference §6.2, SPEC §5.5): the model outputs go through a true median filter
+of the semantic probabilities over the ``median_size`` slices around it (clipped at the
+volume's ends, so volumes shorter than the filter work), the 2D panoptic post-processing
+of the 2D engine, and forward matching against the previous slice. A backward pass then
+matches every slice to the next one again, without creating ids, and collects each
+object's size and bounding box for the size and extent filters.
+
+Slices are read one at a time (numpy, zarr and dask volumes alike) and the matched
+panoptic slices go to a *store*: an (n_slices, h, w) int32 array-like, in memory or a
+zarr array on disk, so memory stays bounded by a few slices.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fastremap
+import numpy as np
+import torch
+from scipy import ndimage
+
+from panoptem.errors import PanoptemError
+from panoptem.inference import preprocess as pre
+from panoptem.inference.matching import match_slice
+from panoptem.progress import Progress, ensure_progress
+
+__all__ = ["AXES", "read_slice", "slice_shape", "volume_intensity_range", "median_filtered",
+           "StackResult", "segment_stack"]
+
+AXES = {"xy": 0, "xz": 1, "yz": 2}
+
+
+def _index(axis: int, i) -> tuple:
+    return (slice(None),) * axis + (i,)
+
+
+def read_slice(volume, axis: int, i: int) -> np.ndarray:
+    """Slice ``i`` along ``axis`` of a (Z, Y, X) numpy, zarr or dask array, as numpy."""
+    s = volume[_index(axis, i)]
+    if hasattr(s, "compute"):
+        s = s.compute()
+    return np.asarray(s)
+
+
+def slice_shape(shape: tuple[int, int, int], axis: int) -> tuple[int, int]:
+    return tuple(n for a, n in enumerate(shape) if a != axis)
+
+
+def volume_intensity_range(volume, slab: int = 16) -> tuple[float, float] | None:
+    """Intensity range of a whole volume read in slabs (None for uint8)."""
+    if np.dtype(volume.dtype) == np.uint8:
+        return None
+    lo, hi = np.inf, -np.inf
+    for z in range(0, volume.shape[0], slab):
+        part = volume[z:z + slab]
+        part = np.asarray(part.compute() if hasattr(part, "compute") else part)
+        r = pre.intensity_range(part)
+        lo, hi = min(lo, r[0]), max(hi, r[1])
+    return lo, hi
+
+
+def median_filtered(items: Iterator, size: int) -> Iterator:
+    """Replace each item's probabilities by the median over the ``size`` items around it.
+
+    ``items`` yields ``(probs, *rest)`` tuples; the output yields the same tuples, in order,
+    with ``probs`` replaced by the voxel-wise median of the unfiltered ``probs`` of items
+    ``i - size//2 .. i + size//2`` clipped to the sequence (for an even count at the ends,
+    the mean of the two middle values, as ``numpy.median``). ``size`` 1 passes items through.
+    """
+    if size <= 1:
+        yield from items
+        return
+    r = size // 2
+    window: deque = deque()  # (index, item) of the last up-to-2r+1 items
+    it = iter(items)
+    i_next = 0  # next item to emit
+    done = False
+    while True:
+        while not done and (not window or window[-1][0] < i_next + r):
+            try:
+                window.append((i_next if not window else window[-1][0] + 1, next(it)))
+            except StopIteration:
+                done = True
+        if not window or i_next > window[-1][0]:
+            return
+        while window[0][0] < i_next - r:
+            window.popleft()
+        probs = torch.stack([item[0] for _, item in window])
+        centre = next(item for j, item in window if j == i_next)
+        yield (_median(probs), *centre[1:])
+        i_next += 1
+
+
+def _median(stack: torch.Tensor) -> torch.Tensor:
+    n = stack.shape[0]
+    srt = stack.sort(dim=0).values
+    if n % 2:
+        return srt[n // 2]
+    return (srt[n // 2 - 1] + srt[n // 2]) / 2
+
+
+@dataclass
+class StackResult:
+    """Matched panoptic slices of one stack and the statistics of every object.
+
+    Attributes
+    ----------
+    axis : str
+        "xy", "xz" or "yz".
+    store : array-like (n_slices, h, w) int32
+        Panoptic ids ``class * label_divisor + object`` per slice, slices along ``axis``.
+    stats : dict id -> [voxels, s0, s1, r0, r1, c0, c1]
+        Voxel count and inclusive bounding box in (slice, row, column) coordinates, in
+        order of first appearance in the backward pass (later slices first).
+    label_divisor : int
+    """
+
+    axis: str
+    store: object
+    label_divisor: int
+    stats: dict = field(default_factory=dict)
+
+    def kept_ids(self, class_id: int, min_size: int = 0, min_extent: int = 0) -> list[int]:
+        """Ids of one class that pass the size and extent filters, in tracker order."""
+        div = self.label_divisor
+        keep = []
+        for i, (n, s0, s1, r0, r1, c0, c1) in self.stats.items():
+            if i // div != class_id or i % div == 0:
+                continue
+            if n < min_size or min(s1 - s0, r1 - r0, c1 - c0) + 1 < min_extent:
+                continue
+            keep.append(i)
+        return keep
+
+
+def _update_stats(stats: dict, s: int, labels: np.ndarray) -> None:
+    """Add one slice's objects to the per-id voxel counts and bounding boxes."""
+    if not labels.any():
+        return
+    compact, remap = fastremap.renumber(labels, in_place=False, preserve_zero=True)
+    counts = np.bincount(compact.ravel())
+    boxes = ndimage.find_objects(compact)
+    for old, new in remap.items():
+        if not new:
+            continue
+        ys, xs = boxes[new - 1]
+        st = stats.get(int(old))
+        if st is None:
+            stats[int(old)] = [int(counts[new]), s, s, ys.start, ys.stop - 1, xs.start, xs.stop - 1]
+        else:
+            st[0] += int(counts[new])
+            st[1], st[2] = min(st[1], s), max(st[2], s)
+            st[3], st[4] = min(st[3], ys.start), max(st[4], ys.stop - 1)
+            st[5], st[6] = min(st[5], xs.start), max(st[6], xs.stop - 1)
+
+
+def _match_classes(target: np.ndarray | None, pan: np.ndarray, thing_list, div: int,
+                   next_label: dict, assign_new: bool) -> np.ndarray:
+    """Match every thing class of one panoptic slice; stuff ids pass through."""
+    out = np.where(pan % div == 0, pan, 0).astype(np.int32)
+    cls = pan // div
+    for c in thing_list:
+        part = np.where((cls == c) & (pan % div > 0), pan, 0)
+        tgt = None if target is None else np.where((target // div == c) & (target % div > 0), target, 0)
+        if tgt is not None and not tgt.any():
+            tgt = None
+        matched, nxt = match_slice(tgt, part, next_label[c], assign_new=assign_new)
+        if tgt is None and part.any() and assign_new:
+            nxt = max(nxt, int(part.max()) + 1)
+        if nxt >= (c + 1) * div:
+            raise PanoptemError(
+                f"More than {div - 1} objects of class {c} in the stack: raise 'Max objects "
+                "per class in 3D'."
+            )
+        next_label[c] = nxt
+        out = np.where(matched > 0, matched, out)
+    return out
+
+
+def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int = 3,
+                  value_range=None, store=None, outputs: Iterator | None = None,
+                  progress: Progress | None = None) -> StackResult:
+    """Infer, median-filter, post-process and match every slice along ``axis``.
+
+    Parameters
+    ----------
+    engine : Engine2D
+    volume : array-like (Z, Y, X)
+        numpy, zarr or dask; read one slice at a time.
+    params : Params2D (validated); ``max_objects`` is the 3D label divisor.
+    axis : "xy", "xz" or "yz"
+    median_size : odd int 1..11
+    value_range : intensity range for non-uint8 volumes (see :func:`volume_intensity_range`)
+    store : array-like (n, h, w) int32, optional
+        Where matched slices go (a zarr array for big volumes); numpy if None.
+    outputs : iterator, optional
+        Model outputs ``(probs, ctr, off)`` per slice in order, when computed elsewhere
+        (multi-process inference); by default the engine computes them.
+
+    Returns
+    -------
+    StackResult
+    """
+    a = AXES[axis]
+    n = volume.shape[a]
+    h, w = slice_shape(volume.shape, a)
+    if store is None:
+        store = np.zeros((n, h, w), dtype=np.int32)
+    prog = ensure_progress(progress)
+    div = params.max_objects
+    things = [] if params.semantic_only else list(engine.thing_list)
+
+    def model_outputs():
+        for i in range(n):
+            x255 = pre.to_unit_range(pre.check_image_2d(read_slice(volume, a, i), f"slice {i}"),
+                                     value_range)
+            yield engine.outputs(x255, params)
+
+    prog.stage(f"stack {axis}", n)
+    next_label = {c: c * div + 1 for c in things}
+    target = None
+    for i, (probs, ctr, off) in enumerate(median_filtered(outputs or model_outputs(), median_size)):
+        pan = engine.panoptic(probs, ctr, off, params, (h, w))
+        target = _match_classes(target, pan, things, div, next_label, assign_new=True)
+        store[i] = target
+        prog.advance()
+
+    result = StackResult(axis, store, div)
+    prog.stage(f"matching {axis}", n)
+    target = None
+    for i in range(n - 1, -1, -1):
+        pan = np.asarray(store[i])
+        if target is not None:
+            pan = _match_classes(target, pan, things, div, next_label, assign_new=False)
+            store[i] = pan
+        _update_stats(result.stats, i, pan)
+        target = pan
+        prog.advance()
+    return result

@@ -1,0 +1,309 @@
+"""3D inference of a volume: stack (xy, xz or yz) or ortho-plane, in memory or to zarr.
+
+:class:`Engine3D` runs the "3D Inference" widget's parameters. Stack mode segments the
+slices along one axis (:mod:`.stack`), drops objects smaller than ``min_size`` voxels or
+thinner than ``min_extent`` along any axis, renumbers each thing class 1..N (in the order
+the backward matching pass met them, as the original) and writes one array per class.
+Ortho-plane mode runs the three stacks, then the consensus of :mod:`.consensus` per class,
+then the same filters. Results go to numpy arrays or, chunk by chunk, to a zarr store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from panoptem.errors import PanoptemError
+from panoptem.inference import stack as st
+from panoptem.inference.engine import Engine2D, Params2D
+from panoptem.inference.postprocess import fill_holes as fill_holes_2d
+from panoptem.inference.zarr_store import ZarrOutput, parse_chunks
+from panoptem.progress import Progress, ensure_progress
+
+__all__ = ["Params3D", "Engine3D", "Result3D", "check_volume", "MEDIAN_SIZES"]
+
+MEDIAN_SIZES = (1, 3, 5, 7, 9, 11)
+
+
+@dataclass(frozen=True)
+class Params3D:
+    """The stack, ortho-plane and zarr parameters of the 3D widget (original defaults).
+
+    ``max_objects`` is "Max objects per class in 3D" (the label divisor of the stacks),
+    ``chunk_size`` the zarr chunk text ("256" or "z, y, x").
+    """
+
+    median_size: int = 3
+    min_size: int = 500
+    min_extent: int = 5
+    max_objects: int = 10000
+    plane: str = "xy"
+    erode: int = 0
+    dilate: int = 0
+    fill_holes: bool = False
+    ortho_plane: bool = False
+    return_stacks: bool = False
+    vote_thr: int = 2
+    permit_one_stack: bool = False
+    chunk_size: str = "256"
+
+    def validated(self) -> Params3D:
+        if self.median_size not in MEDIAN_SIZES:
+            raise PanoptemError(f"Median Filter Size must be one of {MEDIAN_SIZES}; got {self.median_size}.")
+        if self.plane not in st.AXES:
+            raise PanoptemError(f"Inference plane must be xy, xz or yz; got {self.plane!r}.")
+        if self.vote_thr not in (1, 2, 3):
+            raise PanoptemError(f"Voxel Vote Thr Out of 3 must be 1, 2 or 3; got {self.vote_thr}.")
+        for name, hi in (("min_size", None), ("min_extent", None), ("erode", 50), ("dilate", 50)):
+            v = getattr(self, name)
+            if int(v) != v or v < 0 or (hi is not None and v > hi):
+                raise PanoptemError(f"{name} must be a whole number from 0{'' if hi is None else f' to {hi}'}; got {v}.")
+        if int(self.max_objects) != self.max_objects or self.max_objects < 2:
+            raise PanoptemError(f"Max objects per class in 3D must be a whole number >= 2; got {self.max_objects}.")
+        parse_chunks(self.chunk_size)
+        return replace(self, max_objects=int(self.max_objects))
+
+
+def check_volume(volume):
+    """Return a (Z, Y, X) view of ``volume`` or raise PanoptemError saying what to change."""
+    shape = tuple(volume.shape)
+    if len(shape) == 4 and 1 in (shape[0], shape[-1]):
+        volume = volume[0] if shape[0] == 1 else volume[..., 0]
+        shape = tuple(volume.shape)
+    if len(shape) == 4 and shape[-1] in (3, 4):
+        raise PanoptemError(
+            f"The volume looks like RGB(A) (shape {shape}); 3D inference takes one grayscale "
+            "channel. Convert it to grayscale first."
+        )
+    if len(shape) != 3:
+        raise PanoptemError(
+            f"3D inference takes a volume (Z, Y, X); got shape {shape}. Use 2D inference for "
+            "single images."
+        )
+    if min(shape) == 0:
+        raise PanoptemError(f"The volume is empty (shape {shape}).")
+    dt = np.dtype(volume.dtype)
+    if dt.kind == "b" or not np.issubdtype(dt, np.number) or np.issubdtype(dt, np.complexfloating):
+        raise PanoptemError(f"The volume has dtype {dt}; give integer or float grayscale data.")
+    return volume
+
+
+@dataclass
+class Result3D:
+    """Arrays of one 3D run: per class name, and panoptic stacks per axis when asked."""
+
+    classes: dict = field(default_factory=dict)
+    stacks: dict = field(default_factory=dict)
+    zarr_path: str | None = None
+
+    def layer_names(self, image_name: str) -> dict:
+        """The original's layer names: ``<image>-<class>-prediction``, ``<image>-panoptic-stack-<axis>``."""
+        names = {f"{image_name}-{c}-prediction": a for c, a in self.classes.items()}
+        names.update({f"{image_name}-panoptic-stack-{ax}": a for ax, a in self.stacks.items()})
+        return names
+
+
+def _lut_apply(block: np.ndarray, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    if not len(keys):
+        return np.zeros(block.shape, vals.dtype)
+    idx = np.clip(np.searchsorted(keys, block), 0, len(keys) - 1)
+    return np.where(keys[idx] == block, vals[idx], 0).astype(vals.dtype, copy=False)
+
+
+def _blocks(shape, chunks):
+    for z in range(0, shape[0], chunks[0]):
+        for y in range(0, shape[1], chunks[1]):
+            for x in range(0, shape[2], chunks[2]):
+                yield (slice(z, min(z + chunks[0], shape[0])), slice(y, min(y + chunks[1], shape[1])),
+                       slice(x, min(x + chunks[2], shape[2])))
+
+
+def _read_zyx(store, axis: int, blk) -> np.ndarray:
+    """Block ``blk`` (ZYX slices) of a slice-major store of the given axis, as ZYX."""
+    z, y, x = blk
+    if axis == 0:
+        return np.asarray(store[z, y, x])
+    if axis == 1:
+        return np.asarray(store[y, z, x]).transpose(1, 0, 2)
+    return np.asarray(store[x, z, y]).transpose(1, 2, 0)
+
+
+def _write_remapped(src, axis: int, mapping: dict, out, dtype, chunks, prog: Progress,
+                    label: str = "writing") -> None:
+    """Copy a slice-major store into a ZYX array block by block, mapping ids (others -> 0)."""
+    keys = np.array(sorted(mapping), dtype=np.int64)
+    vals = np.array([mapping[k] for k in keys.tolist()], dtype=dtype)
+    blocks = list(_blocks(out.shape, chunks))
+    prog.stage(label, len(blocks))
+    for blk in blocks:
+        out[blk] = _lut_apply(_read_zyx(src, axis, blk), keys, vals)
+        prog.advance()
+
+
+class Engine3D:
+    """Runs a model over volumes with the 3D widget's parameters.
+
+    Parameters
+    ----------
+    model, device, quantized : as :class:`~panoptem.inference.engine.Engine2D`
+    """
+
+    def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False) -> None:
+        self.engine2d = model if isinstance(model, Engine2D) else Engine2D(model, device, quantized)
+        cfg = self.engine2d.config
+        self.class_names = {int(k): str(v) for k, v in cfg["class_names"].items()}
+        self.labels = [int(c) for c in cfg.get("labels", self.class_names)]
+
+    def segment(self, volume, params2d: Params2D | None = None, params3d: Params3D | None = None,
+                *, zarr_path=None, progress: Progress | None = None, outputs_for=None) -> Result3D:
+        """Segment a (Z, Y, X) volume (numpy, zarr or dask; read slice by slice).
+
+        Parameters
+        ----------
+        params2d : the 2D block (downsampling, thresholds, min distance, fine boundaries,
+            semantic only); its ``max_objects`` is replaced by ``params3d.max_objects``.
+        params3d : stack / ortho-plane / zarr parameters.
+        zarr_path : str or Path, optional
+            Write every result array into this zarr group instead of memory.
+        outputs_for : callable(axis) -> iterator of (probs, ctr, off), optional
+            Model outputs computed elsewhere (multi-process inference).
+
+        Returns
+        -------
+        Result3D: ``classes`` maps class names to int32 instance volumes (ids 1..N) for thing
+        classes and uint8 masks for stuff classes; ``stacks`` the panoptic stacks when asked.
+        """
+        p3 = (params3d or Params3D()).validated()
+        p2 = replace(params2d or Params2D(), max_objects=p3.max_objects, tile_size=0,
+                     fill_holes=False).validated()
+        volume = check_volume(volume)
+        shape = tuple(volume.shape)
+        prog = ensure_progress(progress)
+        zout = ZarrOutput(zarr_path, p3.chunk_size) if zarr_path is not None else None
+        chunks = parse_chunks(p3.chunk_size, shape) if zout else (min(64, shape[0]), *shape[1:])
+        result = Result3D(zarr_path=None if zout is None else str(zout.path))
+        things = [] if p2.semantic_only else self.engine2d.thing_list
+        try:
+            vr = st.volume_intensity_range(volume)
+            axes = ["xy", "xz", "yz"] if p3.ortho_plane else [p3.plane]
+            stacks = {}
+            for ax in axes:
+                a = st.AXES[ax]
+                sshape = (shape[a], *st.slice_shape(shape, a))
+                store = (zout.create(f".stack_{ax}", sshape, "int32", (1, *parse_chunks(p3.chunk_size, sshape)[1:]))
+                         if zout else np.zeros(sshape, np.int32))
+                stacks[ax] = st.segment_stack(
+                    self.engine2d, volume, p2, axis=ax, median_size=p3.median_size, value_range=vr,
+                    store=store, outputs=outputs_for(ax) if outputs_for else None, progress=prog)
+            if p3.return_stacks:
+                for ax, res in stacks.items():
+                    result.stacks[ax] = self._write_stack(res, things, p3, zout, chunks, shape, prog)
+            for c in self.labels:
+                name = self.class_names.get(c, str(c))
+                if c in things:
+                    arr = (self._consensus_thing(stacks, c, p3, zout, chunks, shape, prog) if p3.ortho_plane
+                           else self._stack_thing(stacks[axes[0]], c, p3, zout, chunks, shape, prog))
+                    arr = self._morphology(arr, p3, zout)
+                else:
+                    arr = self._stuff(stacks, c, p3, zout, chunks, shape, prog)
+                result.classes[name] = zout.commit(name) if zout else arr
+            if zout:
+                result.stacks = {ax: zout.commit(f"panoptic_{ax}") for ax in result.stacks}
+        finally:
+            if zout:
+                zout.cleanup()
+        return result
+
+    # ------------------------------------------------------------------ pieces
+    def _new(self, zout, name, shape, dtype, chunks):
+        return zout.create(name, shape, dtype) if zout else np.zeros(shape, dtype)
+
+    def _write_stack(self, res: st.StackResult, things, p3, zout, chunks, shape, prog):
+        keep = {i: i for c in things for i in res.kept_ids(c, p3.min_size, p3.min_extent)}
+        keep.update({i: i for i in res.stats if i % res.label_divisor == 0})
+        out = self._new(zout, f"panoptic_{res.axis}", shape, np.int32, chunks)
+        _write_remapped(res.store, st.AXES[res.axis], keep, out, np.int32, chunks, prog)
+        return out
+
+    def _stack_thing(self, res: st.StackResult, c, p3, zout, chunks, shape, prog):
+        ids = res.kept_ids(c, p3.min_size, p3.min_extent)
+        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.int32, chunks)
+        _write_remapped(res.store, st.AXES[res.axis], {i: k for k, i in enumerate(ids, 1)}, out,
+                        np.int32, chunks, prog)
+        return out
+
+    def _consensus_thing(self, stacks, c, p3, zout, chunks, shape, prog):
+        from panoptem.inference.consensus import ortho_plane_consensus
+
+        views = []
+        for ax, res in stacks.items():
+            ids = res.kept_ids(c, p3.min_size, p3.min_extent)
+            v = zout.create(f".view_{ax}_{c}", shape, "int32") if zout else np.zeros(shape, np.int32)
+            _write_remapped(res.store, st.AXES[ax], {i: k for k, i in enumerate(ids, 1)}, v,
+                            np.int32, chunks, prog)
+            views.append(v)
+        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.int32, chunks)
+        ortho_plane_consensus(views, vote_thr=p3.vote_thr, permit_one_stack=p3.permit_one_stack,
+                              out=out, chunk_depth=chunks[0], progress=prog)
+        filter_objects(out, p3.min_size, p3.min_extent, chunks[0])
+        return out
+
+    def _stuff(self, stacks, c, p3, zout, chunks, shape, prog):
+        div = p3.max_objects
+        masks = []
+        for ax, res in stacks.items():
+            m = zout.create(f".stuff_{ax}_{c}", shape, "uint8") if zout and len(stacks) > 1 else (
+                self._new(zout, self.class_names.get(c, str(c)), shape, np.uint8, chunks))
+            _write_remapped(res.store, st.AXES[ax], {c * div: 1}, m, np.uint8, chunks, prog)
+            masks.append(m)
+        if len(masks) == 1:
+            return masks[0]
+        from panoptem.inference.consensus import semantic_consensus
+
+        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.uint8, chunks)
+        semantic_consensus(masks, vote_thr=p3.vote_thr, out=out, chunk_depth=chunks[0], progress=prog)
+        return out
+
+    def _morphology(self, arr, p3: Params3D, zout):
+        """Optional erosion, dilation and hole filling (whole class volume in memory)."""
+        if not (p3.erode or p3.dilate or p3.fill_holes):
+            return arr
+        vol = morphology(np.asarray(arr[:]), p3.erode, p3.dilate, p3.fill_holes)
+        arr[:] = vol
+        return arr
+
+
+def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: bool = False) -> np.ndarray:
+    """Grey-level erosion then dilation (``n`` iterations, 3-D cross), per-slice hole filling,
+    then connected components renumbered 1..N (pieces split by erosion get their own ids)."""
+    import cc3d
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(3, 1)
+    out = labels
+    for _ in range(erode):
+        out = ndimage.grey_erosion(out, footprint=cross, mode="nearest")
+    for _ in range(dilate):
+        out = ndimage.grey_dilation(out, footprint=cross, mode="nearest")
+    if fill_holes:
+        out = fill_holes_2d(out)
+    return cc3d.connected_components(out, connectivity=26, out_dtype=np.uint32).astype(np.int32)
+
+
+def filter_objects(labels, min_size: int, min_extent: int, slab: int = 64) -> None:
+    """Remove objects under ``min_size`` voxels or thinner than ``min_extent`` along any
+    axis, renumbering the rest 1..N in order of first appearance; in place, slab by slab."""
+    stats: dict = {}
+    n = labels.shape[0]
+    for z0 in range(0, n, slab):
+        block = np.asarray(labels[z0:z0 + slab])
+        for dz in range(block.shape[0]):
+            st._update_stats(stats, z0 + dz, block[dz])
+    keep = [i for i, (cnt, s0, s1, r0, r1, c0, c1) in stats.items()
+            if cnt >= min_size and min(s1 - s0, r1 - r0, c1 - c0) + 1 >= min_extent]
+    keys = np.array(sorted(keep), dtype=np.int64)
+    order = {i: k for k, i in enumerate(keep, 1)}
+    vals = np.array([order[i] for i in keys.tolist()], dtype=np.int32)
+    for z0 in range(0, n, slab):
+        labels[z0:z0 + slab] = _lut_apply(np.asarray(labels[z0:z0 + slab]), keys, vals)

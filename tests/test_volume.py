@@ -1,0 +1,137 @@
+"""3D inference end to end: stacks, ortho-plane, zarr output, errors, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import SHARED_DATA
+from panoptem.errors import Cancelled, PanoptemError
+from panoptem.inference.engine import Params2D
+from panoptem.inference.volume import Engine3D, Params3D
+from panoptem.progress import CallbackProgress, Progress
+
+P2 = Params2D(confidence_thr=0.5)
+
+
+@pytest.fixture(scope="module")
+def em_volume():
+    import tifffile
+
+    path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    return tifffile.imread(path)
+
+
+@pytest.fixture
+def engine3d(small_config):
+    return Engine3D(small_config)
+
+
+@pytest.fixture
+def small_vol(em_volume):
+    return np.ascontiguousarray(em_volume[:10, :96, :112])
+
+
+def test_stack_xy_ids_and_filters(engine3d, small_vol):
+    res = engine3d.segment(small_vol, P2, Params3D(min_size=30, min_extent=2))
+    mito = res.classes["mito"]
+    assert mito.shape == small_vol.shape and mito.dtype == np.int32
+    ids = np.unique(mito[mito > 0])
+    assert len(ids) > 0 and (ids == np.arange(1, len(ids) + 1)).all()  # renumbered 1..N
+    for i in ids:  # every kept object passes the filters
+        zz, yy, xx = np.nonzero(mito == i)
+        assert len(zz) >= 30
+        assert min(np.ptp(zz), np.ptp(yy), np.ptp(xx)) + 1 >= 2
+    # stricter filters keep a subset of the voxels
+    strict = engine3d.segment(small_vol, P2, Params3D(min_size=300, min_extent=4)).classes["mito"]
+    assert ((strict > 0) <= (mito > 0)).all() and (strict > 0).sum() < (mito > 0).sum()
+
+
+def test_objects_span_slices(engine3d, small_vol):
+    mito = engine3d.segment(small_vol, P2, Params3D(min_size=0, min_extent=0)).classes["mito"]
+    spans = [np.ptp(np.nonzero(mito == i)[0]) + 1 for i in np.unique(mito[mito > 0])]
+    assert max(spans) > 1  # matching links objects through the stack
+
+
+def test_zarr_output_equals_memory(engine3d, small_vol, tmp_path):
+    p3 = Params3D(min_size=30, return_stacks=True, chunk_size="4, 32, 64")
+    mem = engine3d.segment(small_vol, P2, p3)
+    disk = engine3d.segment(small_vol, P2, p3, zarr_path=tmp_path / "out.zarr")
+    np.testing.assert_array_equal(disk.classes["mito"][:], mem.classes["mito"])
+    np.testing.assert_array_equal(disk.stacks["xy"][:], mem.stacks["xy"])
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["mito", "panoptic_xy"]
+    assert group["mito"].chunks == (4, 32, 64)
+    assert set(np.unique(mem.stacks["xy"][mem.stacks["xy"] > 0]) // 10000) == {1}
+
+
+def test_zarr_input_is_read_lazily(engine3d, small_vol, tmp_path):
+    src = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=small_vol.shape, chunks=(1, 96, 112),
+                            dtype="uint8")
+    src[:] = small_vol
+    a = engine3d.segment(src, P2, Params3D(min_size=30)).classes["mito"]
+    b = engine3d.segment(small_vol, P2, Params3D(min_size=30)).classes["mito"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_short_volume_with_long_median(engine3d, small_vol):
+    out = engine3d.segment(small_vol[:3], P2, Params3D(median_size=7, min_size=0, min_extent=0))
+    assert out.classes["mito"].shape == (3, 96, 112)
+
+
+@pytest.mark.parametrize("plane", ["xz", "yz"])
+def test_anisotropic_volume_other_planes(engine3d, small_vol, plane):
+    vol = small_vol[:6]
+    out = engine3d.segment(vol, P2, Params3D(plane=plane, min_size=0, min_extent=0, return_stacks=True))
+    assert out.classes["mito"].shape == vol.shape
+    assert out.stacks[plane].shape == vol.shape and out.classes["mito"].any()
+
+
+def test_progress_stages_and_cancel_leave_no_complete_array(engine3d, small_vol, tmp_path):
+    stages = []
+    engine3d.segment(small_vol, P2, Params3D(min_size=30),
+                     progress=CallbackProgress(lambda s, d, t: stages.append(s)))
+    assert {"stack xy", "matching xy"} <= set(stages)
+
+    class CancelMidStack(Progress):
+        def on_advance(self, done, total):
+            if self.stage_name == "stack xy" and done == 4:
+                self.cancel()
+
+    path = tmp_path / "cancelled.zarr"
+    with pytest.raises(Cancelled):
+        engine3d.segment(small_vol, P2, Params3D(min_size=30), zarr_path=path, progress=CancelMidStack())
+    assert not [p.name for p in path.iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((64, 64), "3D inference takes a volume"),
+    ((2, 3, 4, 5, 6), "3D inference takes a volume"),
+    ((4, 32, 32, 3), "RGB"),
+])
+def test_bad_volumes(engine3d, shape, match):
+    with pytest.raises(PanoptemError, match=match):
+        engine3d.segment(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("params,match", [
+    (Params3D(chunk_size="big"), "Chunk size"),
+    (Params3D(chunk_size="1,2"), "Chunk size"),
+    (Params3D(vote_thr=4), "Voxel Vote Thr"),
+    (Params3D(median_size=4), "Median Filter Size"),
+    (Params3D(plane="xx"), "Inference plane"),
+])
+def test_bad_parameters(params, match):
+    with pytest.raises(PanoptemError, match=match):
+        params.validated()
+
+
+def test_unwritable_zarr_folder(engine3d, small_vol, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "blocker").write_text("a file where a folder is needed")
+    with pytest.raises(PanoptemError, match="Cannot write the zarr output"):
+        engine3d.segment(small_vol, P2, zarr_path=locked / "blocker" / "out.zarr")
