@@ -87,3 +87,49 @@ def test_demo_writes_labels_and_picture(tmp_path, capsys):
     picture = np.asarray(Image.open(tmp_path / "demo" / "overlay.png"))
     assert picture.shape == (512, 512, 3)
     assert "objects in" in capsys.readouterr().out
+
+
+@pytest.fixture
+def em_volume_tif(tmp_path):
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
+    if not path.exists():
+        pytest.skip("shared data missing")
+    vol = tifffile.imread(path)[:6, :64, :80]
+    out = tmp_path / "vol.tif"
+    tifffile.imwrite(out, vol)
+    return out
+
+
+def test_segment3d_tif_and_zarr(tmp_path, registered, em_volume_tif, capsys):
+    out = tmp_path / "seg.tif"
+    assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered, "--quiet",
+                 "--min-size", "20", "--return-stacks"]) == 0
+    assert tifffile.imread(tmp_path / "seg_mito.tif").shape == (6, 64, 80)
+    assert tifffile.imread(tmp_path / "seg_panoptic_xy.tif").shape == (6, 64, 80)
+    zout = tmp_path / "seg.zarr"
+    assert main(["segment3d", str(em_volume_tif), "-o", str(zout), "--model", registered, "--quiet",
+                 "--min-size", "20", "--chunk-size", "2,32,32"]) == 0
+    import zarr
+
+    arr = zarr.open_array(str(zout / "mito"), mode="r")
+    assert arr.chunks == (2, 32, 32)
+    np.testing.assert_array_equal(arr[:] > 0, tifffile.imread(tmp_path / "seg_mito.tif") > 0)
+    assert "done in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--chunk-size", "a,b"], "Chunk size"),
+    (["--vote-thr", "5"], "Voxel Vote Thr"),
+])
+def test_segment3d_bad_options(tmp_path, em_volume_tif, capsys, extra, match):
+    rc = main(["segment3d", str(em_volume_tif), "-o", str(tmp_path / "o.zarr"), *extra])
+    assert rc == 2 and match in capsys.readouterr().err
+
+
+def test_segment3d_refuses_2d_image(tmp_path, registered, lucchi_image, capsys):
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, lucchi_image[:64, :64])
+    assert main(["segment3d", str(src), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
+    assert "takes a volume" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``panoptem`` command line: models, 2D segmentation and the demo.
+"""The ``panoptem`` command line: models, 2D and 3D segmentation, and the demo.
 
 Every user error prints one line starting with ``panoptem: error:`` and exits with status 2;
 a cancelled run (Ctrl-C) exits with 130.
@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from panoptem.errors import Cancelled, PanoptemError
 
 __all__ = ["main", "build_parser"]
 
 
-def _add_2d_options(p: argparse.ArgumentParser) -> None:
+def _add_2d_options(p: argparse.ArgumentParser, three_d: bool = False) -> None:
     from panoptem.inference.engine import DOWNSAMPLING_FACTORS, Params2D
 
     d = Params2D()
@@ -31,11 +33,37 @@ def _add_2d_options(p: argparse.ArgumentParser) -> None:
                    help="Centers Min Distance (default %(default)s)")
     g.add_argument("--fine-boundaries", action="store_true", help="Fine boundaries")
     g.add_argument("--semantic-only", action="store_true", help="Semantic only")
+    if three_d:
+        return
     g.add_argument("--fill-holes", action="store_true", help="Fill holes in segmentation")
     g.add_argument("--max-objects", type=int, default=d.max_objects,
                    help="Max objects per class = label divisor (default %(default)s)")
     g.add_argument("--tile-size", type=int, default=d.tile_size,
                    help="Tile size in pixels, 0 = no tiling (default %(default)s)")
+
+
+def _add_3d_options(p: argparse.ArgumentParser) -> None:
+    from panoptem.inference.volume import MEDIAN_SIZES, Params3D
+
+    d = Params3D()
+    g = p.add_argument_group("3D parameters (as in the 3D Inference widget)")
+    g.add_argument("--plane", choices=["xy", "xz", "yz"], default=d.plane, help="Inference plane (default %(default)s)")
+    g.add_argument("--ortho-plane", action="store_true", help="Run ortho-plane: xy, xz and yz stacks and their consensus")
+    g.add_argument("--median-size", type=int, choices=MEDIAN_SIZES, default=d.median_size,
+                   help="Median Filter Size (default %(default)s)")
+    g.add_argument("--min-size", type=int, default=d.min_size, help="Min Size in voxels (default %(default)s)")
+    g.add_argument("--min-extent", type=int, default=d.min_extent, help="Min Box Extent (default %(default)s)")
+    g.add_argument("--max-objects", type=int, default=d.max_objects,
+                   help="Max objects per class in 3D (default %(default)s)")
+    g.add_argument("--erode", type=int, default=0, help="Erode Labels iterations")
+    g.add_argument("--dilate", type=int, default=0, help="Dilate Labels iterations")
+    g.add_argument("--fill-holes", action="store_true", help="Fill holes in segmentation")
+    g.add_argument("--vote-thr", type=int, default=d.vote_thr,
+                   help="Voxel Vote Thr Out of 3, 1..3 (default %(default)s)")
+    g.add_argument("--permit-one-stack", action="store_true",
+                   help="Permit detections found in 1 stack into consensus")
+    g.add_argument("--return-stacks", action="store_true", help="Return xy, xz, yz (panoptic) stacks")
+    g.add_argument("--chunk-size", default=d.chunk_size, help='zarr chunks: "256" or "z, y, x" (default %(default)s)')
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -69,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_2d_options(seg)
     _add_device_options(seg)
+
+    seg3 = sub.add_parser("segment3d", help="segment a 3D volume (stack or ortho-plane)")
+    seg3.add_argument("volume", help="a (Z, Y, X) .tif, .npy or .zarr volume (zarr and npy are read lazily)")
+    seg3.add_argument("-o", "--output", required=True,
+                      help="OUT.zarr (written chunk by chunk) or OUT.tif (one file per class)")
+    seg3.add_argument("--model", default="MitoNet_v1", help="registered model name (default %(default)s)")
+    seg3.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_2d_options(seg3, three_d=True)
+    _add_3d_options(seg3)
+    _add_device_options(seg3)
+    seg3.add_argument("--devices", help="several devices, comma separated (e.g. cuda:0,cuda:1 or "
+                      "cpu,cpu): one process each, slices split between them")
 
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
@@ -109,8 +149,6 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_segment(args) -> int:
-    import numpy as np
-
     from panoptem.inference.engine import Engine2D
     from panoptem.io import IMAGE_SUFFIXES, read_image, write_labels
     from panoptem.progress import TextProgress
@@ -151,6 +189,68 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+def _read_volume(path: Path):
+    """A volume for 3D inference; zarr and npy stay on disk and are read slice by slice."""
+    if path.suffix.lower() == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
+        import zarr
+
+        try:
+            return zarr.open_array(str(path), mode="r")
+        except Exception as err:
+            raise PanoptemError(f"{path} is not a zarr array ({err}); give the path of the array itself.") from None
+    if path.suffix.lower() == ".npy" and path.exists():
+        return np.load(path, mmap_mode="r")
+    from panoptem.io import read_image
+
+    return read_image(path)
+
+
+def _cmd_segment3d(args) -> int:
+    from panoptem.inference.engine import Params2D
+    from panoptem.inference.volume import Engine3D, Params3D
+    from panoptem.io import write_labels
+    from panoptem.progress import TextProgress
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".zarr", ".tif", ".tiff"):
+        raise PanoptemError(f"The output must end in .zarr or .tif (got '{out}').")
+    p2 = Params2D(downsampling=args.downsampling, confidence_thr=args.confidence_thr,
+                  center_confidence_thr=args.center_confidence_thr, min_distance=args.min_distance,
+                  fine_boundaries=args.fine_boundaries, semantic_only=args.semantic_only)
+    p3 = Params3D(median_size=args.median_size, min_size=args.min_size, min_extent=args.min_extent,
+                  max_objects=args.max_objects, plane=args.plane, erode=args.erode, dilate=args.dilate,
+                  fill_holes=args.fill_holes, ortho_plane=args.ortho_plane,
+                  return_stacks=args.return_stacks, vote_thr=args.vote_thr,
+                  permit_one_stack=args.permit_one_stack, chunk_size=args.chunk_size).validated()
+    volume = _read_volume(Path(args.volume))
+    zarr_path = out if out.suffix.lower() == ".zarr" else None
+    progress = TextProgress(disable=args.quiet)
+    t0 = time.perf_counter()
+    try:
+        if args.devices:
+            from panoptem.inference.distributed import segment_volume_distributed
+
+            devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+            result = segment_volume_distributed(args.model, volume, p2, p3, devices=devices,
+                                                zarr_path=zarr_path, progress=progress)
+        else:
+            engine = Engine3D(args.model, device=args.device, quantized=args.quantized)
+            result = engine.segment(volume, p2, p3, zarr_path=zarr_path, progress=progress)
+    finally:
+        progress.close()
+    arrays = {**result.classes, **{f"panoptic_{ax}": a for ax, a in result.stacks.items()}}
+    for name, arr in arrays.items():
+        if zarr_path is not None:  # already on disk; not loaded back into memory
+            print(f"{name}: -> {out / name}")
+            continue
+        target = out if len(arrays) == 1 else out.with_name(f"{out.stem}_{name}{out.suffix}")
+        write_labels(target, arr)
+        counted = name in result.classes and arr.dtype != np.uint8
+        print(f"{name}: {f'{len(np.unique(arr[arr > 0]))} objects, ' if counted else ''}-> {target}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from panoptem.demo import run_demo
 
@@ -162,7 +262,8 @@ def _cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"models": _cmd_models, "segment": _cmd_segment, "demo": _cmd_demo}
+    commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
+                "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except PanoptemError as err:
