@@ -135,3 +135,21 @@ def test_unwritable_zarr_folder(engine3d, small_vol, tmp_path):
     (locked / "blocker").write_text("a file where a folder is needed")
     with pytest.raises(PanoptemError, match="Cannot write the zarr output"):
         engine3d.segment(small_vol, P2, zarr_path=locked / "blocker" / "out.zarr")
+
+
+def test_ortho_plane_on_real_volume(engine3d, em_volume, tmp_path):
+    vol = np.ascontiguousarray(em_volume[:16, :64, :64])
+    p3 = Params3D(ortho_plane=True, min_size=20, min_extent=2, return_stacks=True)
+    res = engine3d.segment(vol, P2, p3)
+    mito = res.classes["mito"]
+    assert mito.shape == vol.shape and mito.dtype == np.int32
+    assert sorted(res.stacks) == ["xy", "xz", "yz"]
+    ids = np.unique(mito[mito > 0])
+    assert (ids == np.arange(1, len(ids) + 1)).all()
+    # a voxel kept with vote 2 is foreground in at least two of the three filtered stacks
+    fg = sum((res.stacks[ax] > 0).astype(int) for ax in ("xy", "xz", "yz"))
+    assert (fg[mito > 0] >= 2).all()
+    union = engine3d.segment(vol, P2, Params3D(ortho_plane=True, min_size=20, min_extent=2, vote_thr=1))
+    assert (union.classes["mito"] > 0).sum() >= (mito > 0).sum()
+    disk = engine3d.segment(vol, P2, p3, zarr_path=tmp_path / "ortho.zarr")
+    np.testing.assert_array_equal(disk.classes["mito"][:], mito)

@@ -48,7 +48,6 @@ __all__ = [
     "HOME_ENV",
     "REQUIRED_KEYS",
     "ModelInfo",
-    "LoadedModel",
     "home_dir",
     "config_dir",
     "builtin_config_dir",
@@ -58,8 +57,6 @@ __all__ = [
     "register_model",
     "model_info",
     "fetch_file",
-    "load_model",
-    "clear_model_cache",
 ]
 
 #: Environment variable that moves the model cache and user config folder.
@@ -501,5 +498,13 @@ def fetch_file(
     return path
 
 
-# loading lives in its own module; these names stay importable from the registry
-from panoptem.loading import LoadedModel, clear_model_cache, load_model  # noqa: E402
+_LOADING_NAMES = ("LoadedModel", "load_model", "clear_model_cache")
+
+
+def __getattr__(name: str):
+    """Loading lives in :mod:`panoptem.loading`; its names stay reachable from here."""
+    if name in _LOADING_NAMES:
+        from panoptem import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

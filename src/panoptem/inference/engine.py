@@ -105,7 +105,7 @@ class Engine2D:
     model : str or dict or LoadedModel
         A registered model name (see :func:`panoptem.registry.list_models`), a config dict
         in the empanada format, or a model already loaded with
-        :func:`panoptem.registry.load_model`.
+        :func:`panoptem.loading.load_model`.
     device : str or torch.device
         "cpu", "cuda", "cuda:1", ...
     quantized : bool
@@ -114,12 +114,12 @@ class Engine2D:
 
     def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False,
                  progress: Progress | None = None) -> None:
-        from panoptem import registry
+        from panoptem.loading import LoadedModel, load_model
 
-        if isinstance(model, registry.LoadedModel):
+        if isinstance(model, LoadedModel):
             self.loaded = model
         else:
-            self.loaded = registry.load_model(model, device=device, quantized=quantized,
+            self.loaded = load_model(model, device=device, quantized=quantized,
                                               progress=progress)
         cfg = self.loaded.config
         self.config = cfg
