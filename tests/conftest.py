@@ -7,26 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from panoptem.demo import DEMO_ARCH
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# the demo's architecture (PanopticDeepLabPR, ResNet-18), made smaller still for fast tests
 SMALL_ARCH = {
-    "arch": "PanopticDeepLabPR",
-    "encoder": "resnet18",
-    "num_classes": 1,
-    "stage4_stride": 16,
+    **DEMO_ARCH,
     "decoder_channels": 32,
-    "low_level_stages": [1],
     "low_level_channels_project": [16],
-    "atrous_rates": [2, 4, 6],
-    "aspp_channels": None,
-    "aspp_dropout": 0.5,
-    "ins_decoder": True,
-    "ins_ratio": 0.5,
-    "num_fc": 3,
     "train_num_points": 256,
-    "oversample_ratio": 3,
-    "importance_sample_ratio": 0.75,
-    "subdivision_steps": 2,
     "subdivision_num_points": 2048,
 }
 
