@@ -1,0 +1,1 @@
+"""Training: datasets, losses, the training loop, configs and export."""

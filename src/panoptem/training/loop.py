@@ -1,0 +1,148 @@
+"""One training loop for finetuning and for training from scratch (reference §7.4-7.5).
+
+The unit of work is the iteration (one batch). Batches are drawn with replacement by a
+weighted sampler (the dataset's per-source weights, uniform when it has none), so any
+number of iterations works, however small the dataset. Optimiser AdamW with weight decay
+0.1 on weights and none on biases and normalisation parameters; OneCycle learning rate
+(max 0.003, 30 % warm-up) over the run; mixed precision on CUDA; the PanopticLoss.
+Encoder layers are frozen according to ``finetune_layer`` (SPEC §5.8): ``none`` freezes the
+whole encoder, ``stage4`` .. ``stage1`` unfreeze ResNet ``layer4`` .. ``layer1`` upwards,
+``all`` trains everything. Progress: one step per iteration; a cancel stops between
+iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from panoptem.errors import PanoptemError
+from panoptem.progress import Progress, ensure_progress
+from panoptem.training.losses import PanopticLoss
+
+__all__ = ["FINETUNE_LAYERS", "TrainResult", "set_trainable", "param_groups", "train", "save_checkpoint"]
+
+FINETUNE_LAYERS = ("none", "stage4", "stage3", "stage2", "stage1", "all")
+
+
+def set_trainable(model: torch.nn.Module, finetune_layer: str = "all") -> list[str]:
+    """Freeze encoder parameters according to ``finetune_layer``; return the trainable names.
+
+    Decoder, heads and PointRend always train. ``stageN`` unfreezes ``encoder.layerN`` and
+    every later stage; ``all`` also unfreezes the stem.
+    """
+    if finetune_layer not in FINETUNE_LAYERS:
+        raise PanoptemError(f"Finetunable layers must be one of {', '.join(FINETUNE_LAYERS)}; got {finetune_layer!r}.")
+    first = {"stage4": 4, "stage3": 3, "stage2": 2, "stage1": 1}.get(finetune_layer)
+    open_layers = tuple(f"encoder.layer{i}." for i in range(first, 5)) if first else ()
+    trainable = []
+    for name, p in model.named_parameters():
+        is_encoder = name.startswith("encoder.")
+        p.requires_grad = (not is_encoder or finetune_layer == "all"
+                           or (bool(open_layers) and name.startswith(open_layers)))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float = 0.1) -> list[dict]:
+    """AdamW groups: decay on weight tensors, none on biases and norm parameters (1-D)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    """Loss per iteration (total and parts) and validation metrics per evaluation."""
+
+    losses: list = field(default_factory=list)
+    parts: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int = 16,
+          max_lr: float = 0.003, pct_start: float = 0.3, weight_decay: float = 0.1,
+          finetune_layer: str = "all", criterion_params: dict | None = None, device="cpu",
+          amp: bool = True, workers: int = 0, seed: int = 0,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None, eval_every: int = 0,
+          checkpoint: Callable[[torch.nn.Module, int], None] | None = None, save_every: int = 0,
+          progress: Progress | None = None) -> TrainResult:
+    """Train ``model`` in place for ``iterations`` batches of ``dataset``.
+
+    Parameters
+    ----------
+    model : nn.Module or TorchScript module in train mode returning the train-mode dict
+    dataset : torch Dataset of dicts with 'image' (1, H, W), 'sem', 'ctr_hmp', 'offsets';
+        an optional ``weights`` attribute gives per-item sampling weights.
+    evaluate : callable(model) -> dict of metrics, run every ``eval_every`` iterations and at
+        the end (the model is put in eval mode around it).
+    checkpoint : callable(model, iteration), run every ``save_every`` iterations and at the end.
+    """
+    if iterations < 1:
+        raise PanoptemError(f"Iterations must be at least 1; got {iterations}.")
+    if len(dataset) == 0:
+        raise PanoptemError("The training dataset is empty; add image/mask pairs.")
+    device = torch.device(device)
+    prog = ensure_progress(progress)
+    set_trainable(model, finetune_layer)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    weights = getattr(dataset, "weights", None)
+    weights = torch.as_tensor(weights if weights is not None else [1.0] * len(dataset), dtype=torch.double)
+    sampler = WeightedRandomSampler(weights, num_samples=iterations * batch_size, replacement=True,
+                                    generator=gen)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=max_lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=iterations,
+                                                   pct_start=pct_start)
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = PanopticLoss(**(criterion_params or {}))
+    result = TrainResult()
+    prog.stage("training", iterations)
+    for it, batch in enumerate(loader, start=1):
+        batch = _to(batch, device)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            output = model(batch["image"])
+            loss, parts = criterion(output, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        result.losses.append(float(loss.detach()))
+        result.parts.append(parts)
+        last = it == iterations
+        if evaluate is not None and ((eval_every and it % eval_every == 0) or last):
+            model.eval()
+            with torch.no_grad():
+                result.evaluations.append({"iteration": it, **evaluate(model)})
+            model.train()
+        if checkpoint is not None and ((save_every and it % save_every == 0) or last):
+            checkpoint(model, it)
+        prog.advance()
+    return result
+
+
+def save_checkpoint(path, model: torch.nn.Module, arch_config: dict, norms: dict, iteration: int) -> Path:
+    """Save ``{arch config, state_dict, norms, iteration}`` like the original's ``.pth.tar``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"config": arch_config, "state_dict": model.state_dict(), "norms": norms,
+                "iteration": iteration}, tmp)
+    tmp.replace(path)
+    return path
