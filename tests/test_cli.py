@@ -133,3 +133,19 @@ def test_segment3d_refuses_2d_image(tmp_path, registered, lucchi_image, capsys):
     tifffile.imwrite(src, lucchi_image[:64, :64])
     assert main(["segment3d", str(src), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
     assert "takes a volume" in capsys.readouterr().err
+
+
+def test_evaluate_command(tmp_path, capsys):
+    gt = np.zeros((40, 40), np.uint8)
+    gt[5:15, 5:15] = 255
+    gt[25:35, 25:35] = 255
+    pred = np.zeros((40, 40), np.int32)
+    pred[5:15, 5:15] = 10001
+    tifffile.imwrite(tmp_path / "gt.tif", gt)
+    tifffile.imwrite(tmp_path / "pred.tif", pred)
+    assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.tif"), "--json"]) == 0
+    import json
+
+    m = json.loads(capsys.readouterr().out)
+    assert m["tp"] == 1 and m["fn"] == 1 and m["f1"] == pytest.approx(2 / 3)
+    assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "nope.tif")]) == 2

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg3.add_argument("--devices", help="several devices, comma separated (e.g. cuda:0,cuda:1 or "
                       "cpu,cpu): one process each, slices split between them")
 
+    ev = sub.add_parser("evaluate", help="compare a segmentation with ground truth (IoU, F1@0.5, PQ)")
+    ev.add_argument("pred", help="predicted labels (.tif/.png/.npy)")
+    ev.add_argument("gt", help="ground truth: instance labels or a binary mask (objects = connected components)")
+    ev.add_argument("--per-slice", action="store_true", help="a (N, H, W) stack of 2D images, not a volume")
+    ev.add_argument("--iou-thr", type=float, default=0.5, help="IoU for a match (default %(default)s)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
     demo.add_argument("--image", help="use this image instead of the bundled sample")
@@ -251,6 +258,16 @@ def _cmd_segment3d(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from panoptem.evaluation import evaluate_files
+
+    metrics = evaluate_files(args.pred, args.gt, per_slice=args.per_slice, iou_thr=args.iou_thr)
+    print(json.dumps(metrics.as_dict()) if args.json else metrics.summary())
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from panoptem.demo import run_demo
 
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
-                "demo": _cmd_demo}
+                "evaluate": _cmd_evaluate, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except PanoptemError as err:
