@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE_MODULES = [
     "panoptem", "panoptem.registry", "panoptem.models", "panoptem.inference.engine",
     "panoptem.inference.postprocess", "panoptem.inference.tiling", "panoptem.cli",
-    "panoptem.io", "panoptem.demo", "panoptem.progress",
+    "panoptem.io", "panoptem.demo", "panoptem.progress", "panoptem.evaluation",
+    "panoptem.inference.volume", "panoptem.inference.consensus", "panoptem.inference.distributed",
+    "panoptem.training.datasets", "panoptem.training.loop", "panoptem.training.export",
 ]
 
 
