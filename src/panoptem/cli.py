@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--iou-thr", type=float, default=0.5, help="IoU for a match (default %(default)s)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    ft = sub.add_parser("finetune", help="finetune a registered model on a dataset folder")
+    ft.add_argument("train_dir", help="dataset folder: <dir>/<source>/images|masks/<same name>")
+    ft.add_argument("--model", default="MitoNet_v1", help="model to finetune (default %(default)s)")
+    ft.add_argument("--name", default="FinetunedModel", help="name of the new model (default %(default)s)")
+    ft.add_argument("--model-dir", required=True, help="folder for the new .pth and .yaml")
+    ft.add_argument("--iterations", type=int, default=100, help="Iterations (default %(default)s)")
+    ft.add_argument("--patch-size", type=int, default=256, help="Patch size (default %(default)s)")
+    ft.add_argument("--batch-size", type=int, default=16, help="batch size (default %(default)s)")
+    ft.add_argument("--finetune-layer", default="none",
+                    choices=["none", "stage4", "stage3", "stage2", "stage1", "all"],
+                    help="Finetunable layers (default %(default)s)")
+    ft.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
     demo.add_argument("--image", help="use this image instead of the bundled sample")
@@ -268,6 +282,22 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from panoptem.progress import TextProgress
+    from panoptem.training.finetune import finetune_model
+
+    progress = TextProgress(disable=args.quiet)
+    try:
+        out = finetune_model(args.model, args.train_dir, args.model_dir, name=args.name,
+                             iterations=args.iterations, patch_size=args.patch_size,
+                             finetune_layer=args.finetune_layer, batch_size=args.batch_size,
+                             device=args.device, progress=progress)
+    finally:
+        progress.close()
+    print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from panoptem.demo import run_demo
 
@@ -280,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
-                "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+                "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except PanoptemError as err:

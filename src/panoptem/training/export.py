@@ -8,14 +8,17 @@ model appears in every model list (and runs in the original plugin too).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from panoptem import registry
 from panoptem.errors import PanoptemError
 from panoptem.models import export_torchscript
+from panoptem.models.export import _JIT_DEPRECATION
 
 __all__ = ["ExportedModel", "padding_factor_for", "export_trained_model"]
 
@@ -35,15 +38,18 @@ class ExportedModel:
 
 def export_trained_model(model, name: str, model_dir, *, arch: str, class_names: dict,
                          labels: list, thing_list: list, norms: dict, description: str = "",
-                         finetune: dict | None = None, register: bool = True) -> ExportedModel:
+                         finetune: dict | None = None, padding_factor: int | None = None,
+                         register: bool = True) -> ExportedModel:
     """Export ``model`` to ``<model_dir>/<name>.pth`` + ``<name>.yaml`` and register it.
 
     Parameters
     ----------
-    model : a panoptem model (nn.Module); exported in eval mode with conv+BN fused.
+    model : a panoptem model (nn.Module), exported in eval mode with conv+BN fused, or a
+        finetuned TorchScript module (saved as it is, in eval mode).
     arch : its architecture name, for the padding factor.
     class_names, labels, thing_list, norms : the registry keys (norms as fractions of 255).
     finetune : the ``FINETUNE`` block; the built-in MitoNet_v1 recipe when None.
+    padding_factor : overrides the architecture's (a finetuned model keeps its config's).
 
     Returns
     -------
@@ -55,7 +61,13 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
     model_dir.mkdir(parents=True, exist_ok=True)
     pth = model_dir / f"{name}.pth"
     was_training = model.training
-    export_torchscript(model, pth)
+    if isinstance(model, torch.jit.ScriptModule):  # a finetuned released file: already fused
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+            torch.jit.save(model, str(pth))
+    else:
+        export_torchscript(model, pth)
     model.train(was_training)
     if finetune is None:
         finetune = copy.deepcopy(registry.get_config("MitoNet_v1")["FINETUNE"])
@@ -66,7 +78,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
         "thing_list": [int(c) for c in thing_list],
         "model": str(pth.resolve()),
         "model_quantized": None,
-        "padding_factor": padding_factor_for(arch),
+        "padding_factor": int(padding_factor or padding_factor_for(arch)),
         "norms": {"mean": float(norms["mean"]), "std": float(norms["std"])},
         "description": description or f"{arch} trained with panoptem.",
         "FINETUNE": finetune,

@@ -1,0 +1,64 @@
+"""Finetuning a registered model on a dataset folder (the "Finetune a model" job).
+
+As the original: the model's own TorchScript file is trained (so any released or
+user-trained model can be finetuned without its source), with the config's ``FINETUNE``
+recipe (loss weights, dataset weighting), the original's augmentations at the chosen patch
+size, and then saved with a registry YAML and registered under the new name.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from panoptem import registry
+from panoptem.errors import PanoptemError
+from panoptem.models.export import _JIT_DEPRECATION
+from panoptem.progress import Progress
+from panoptem.training.augment import default_augmentations
+from panoptem.training.datasets import SingleClassInstanceDataset
+from panoptem.training.export import ExportedModel, export_trained_model
+from panoptem.training.loop import train
+
+__all__ = ["finetune_model"]
+
+
+def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "FinetunedModel",
+                   iterations: int = 100, patch_size: int = 256, finetune_layer: str = "none",
+                   batch_size: int = 16, device="cpu", seed: int = 0,
+                   progress: Progress | None = None) -> ExportedModel:
+    """Finetune ``model_name`` on ``train_dir`` and register the result as ``name``.
+
+    Parameters
+    ----------
+    train_dir : folder in the original's layout ``<dir>/<source>/images|masks/<file>``.
+    model_dir : where ``<name>.pth`` and ``<name>.yaml`` are written.
+    iterations, patch_size, finetune_layer : the widget's "Iterations", "Patch size" and
+        "Finetunable layers".
+    """
+    if patch_size % 16 or patch_size < 16:
+        raise PanoptemError(f"Patch size must be a multiple of 16; got {patch_size}.")
+    cfg = registry.get_config(model_name)
+    if len(cfg["thing_list"]) != 1 or len(cfg["labels"]) != 1:
+        raise PanoptemError(f"Finetuning supports one-class instance models; {model_name} has "
+                            f"labels {cfg['labels']}.")
+    path = registry.fetch_file(cfg["model"], cfg.get("model_hash"), progress=progress)
+    try:
+        with warnings.catch_warnings():  # TorchScript *is* the released format
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=torch.device(device))
+    except RuntimeError as err:
+        raise PanoptemError(f"{path} is not a TorchScript model ({err}); download or export it again.") from None
+    finetune_cfg = cfg.get("FINETUNE", {})
+    gamma = finetune_cfg.get("dataset_params", {}).get("weight_gamma", 0.7)
+    dataset = SingleClassInstanceDataset(train_dir, transforms=default_augmentations(patch_size, seed),
+                                         norms=cfg["norms"], weight_gamma=gamma, seed=seed)
+    train(module, dataset, iterations=iterations, batch_size=batch_size, device=device, seed=seed,
+          finetune_layer=finetune_layer, criterion_params=finetune_cfg.get("criterion_params"),
+          progress=progress)
+    return export_trained_model(
+        module, name, model_dir, arch="finetuned", class_names=cfg["class_names"],
+        labels=cfg["labels"], thing_list=cfg["thing_list"], norms=cfg["norms"],
+        description=f"{model_name} finetuned with panoptem on {train_dir} for {iterations} iterations.",
+        finetune=finetune_cfg or None, padding_factor=cfg["padding_factor"])
