@@ -153,3 +153,20 @@ def test_ortho_plane_on_real_volume(engine3d, em_volume, tmp_path):
     assert (union.classes["mito"] > 0).sum() >= (mito > 0).sum()
     disk = engine3d.segment(vol, P2, p3, zarr_path=tmp_path / "ortho.zarr")
     np.testing.assert_array_equal(disk.classes["mito"][:], mito)
+
+
+def test_stuff_class_is_a_uint8_mask_in_stack_and_ortho(tmp_path, small_vol):
+    from conftest import SMALL_ARCH, model_config
+    from panoptem.demo import untrained_model
+    from panoptem.models import export_torchscript
+
+    path = tmp_path / "two_class.pth"
+    export_torchscript(untrained_model(dict(SMALL_ARCH, num_classes=3)), path)
+    cfg = model_config(path, class_names={1: "mito", 2: "er"}, labels=[1, 2], thing_list=[1])
+    engine = Engine3D(cfg)
+    vol = small_vol[:6, :48, :48]
+    for ortho in (False, True):
+        res = engine.segment(vol, P2, Params3D(ortho_plane=ortho, min_size=0, min_extent=0))
+        assert sorted(res.classes) == ["er", "mito"]
+        er = res.classes["er"]
+        assert er.dtype == np.uint8 and set(np.unique(er)) <= {0, 1}

@@ -250,18 +250,22 @@ class Engine3D:
         return out
 
     def _stuff(self, stacks, c, p3, zout, chunks, shape, prog):
-        div = p3.max_objects
-        masks = []
-        for ax, res in stacks.items():
-            m = zout.create(f".stuff_{ax}_{c}", shape, "uint8") if zout and len(stacks) > 1 else (
-                self._new(zout, self.class_names.get(c, str(c)), shape, np.uint8, chunks))
-            _write_remapped(res.store, st.AXES[ax], {c * div: 1}, m, np.uint8, chunks, prog)
-            masks.append(m)
-        if len(masks) == 1:
-            return masks[0]
+        """A stuff class: its mask from one stack, or the voxel vote of three."""
+        name = self.class_names.get(c, str(c))
+        keep = {c * p3.max_objects: 1}
+        if len(stacks) == 1:
+            ((ax, res),) = stacks.items()
+            out = self._new(zout, name, shape, np.uint8, chunks)
+            _write_remapped(res.store, st.AXES[ax], keep, out, np.uint8, chunks, prog)
+            return out
         from panoptem.inference.consensus import semantic_consensus
 
-        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.uint8, chunks)
+        masks = []
+        for ax, res in stacks.items():
+            m = zout.create(f".stuff_{ax}_{c}", shape, "uint8") if zout else np.zeros(shape, np.uint8)
+            _write_remapped(res.store, st.AXES[ax], keep, m, np.uint8, chunks, prog)
+            masks.append(m)
+        out = self._new(zout, name, shape, np.uint8, chunks)
         semantic_consensus(masks, vote_thr=p3.vote_thr, out=out, chunk_depth=chunks[0], progress=prog)
         return out
 

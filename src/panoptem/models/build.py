@@ -28,6 +28,7 @@ from panoptem.errors import PanoptemError
 from panoptem.models.encoders.resnet import ENCODERS
 from panoptem.models.panoptic_bifpn import PanopticBiFPN, PanopticBiFPNPR
 from panoptem.models.panoptic_deeplab import PanopticDeepLab, PanopticDeepLabPR
+from panoptem.models.point_rend import POINT_REND_KEYS
 
 __all__ = ["MODEL_ARCHS", "build_model", "count_parameters"]
 
@@ -41,14 +42,6 @@ _ARCH_CLASSES: dict[str, type[nn.Module]] = {
 #: Names accepted as ``arch``.
 MODEL_ARCHS: tuple[str, ...] = tuple(_ARCH_CLASSES)
 
-_POINT_REND_KEYS = (
-    "num_fc",
-    "train_num_points",
-    "oversample_ratio",
-    "importance_sample_ratio",
-    "subdivision_steps",
-    "subdivision_num_points",
-)
 
 
 def _accepted_keys(cls: type[nn.Module]) -> set[str]:
@@ -62,6 +55,8 @@ def _accepted_keys(cls: type[nn.Module]) -> set[str]:
             for k, p in params.items()
             if k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
         }
+    if cls.__name__.endswith("PR"):  # PointRend models take these through **kwargs
+        keys |= set(POINT_REND_KEYS)
     return keys
 
 

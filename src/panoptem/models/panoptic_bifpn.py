@@ -9,7 +9,7 @@ from panoptem.models.blocks import Resample2d
 from panoptem.models.decoders.bifpn import BiFPN, BiFPNDecoder
 from panoptem.models.encoders.resnet import build_resnet
 from panoptem.models.heads import PanopticDeepLabHead
-from panoptem.models.point_rend import PointRendSemSegHead
+from panoptem.models.point_rend import PointRendSemSegHead, split_point_rend_kwargs
 
 __all__ = ["PanopticBiFPN", "PanopticBiFPNPR"]
 
@@ -93,24 +93,7 @@ class PanopticBiFPNPR(PanopticBiFPN):
     :class:`~panoptem.models.panoptic_deeplab.PanopticDeepLabPR`.
     """
 
-    def __init__(
-        self,
-        num_fc=3,
-        train_num_points=1024,
-        oversample_ratio=3,
-        importance_sample_ratio=0.75,
-        subdivision_steps=2,
-        subdivision_num_points=8192,
-        **kwargs,
-    ):
+    def __init__(self, **kwargs):
+        point_rend = split_point_rend_kwargs(kwargs)
         super().__init__(**kwargs)
-        self.semantic_pr = PointRendSemSegHead(
-            self.fpn_dim,
-            self.num_classes,
-            num_fc,
-            train_num_points,
-            oversample_ratio,
-            importance_sample_ratio,
-            subdivision_steps,
-            subdivision_num_points,
-        )
+        self.semantic_pr = PointRendSemSegHead(self.fpn_dim, self.num_classes, **point_rend)

@@ -8,7 +8,7 @@ from panoptem.models.base import PanopticBase
 from panoptem.models.decoders.panoptic_deeplab import PanopticDeepLabDecoder
 from panoptem.models.encoders.resnet import build_resnet
 from panoptem.models.heads import PanopticDeepLabHead
-from panoptem.models.point_rend import PointRendSemSegHead
+from panoptem.models.point_rend import PointRendSemSegHead, split_point_rend_kwargs
 
 __all__ = ["PanopticDeepLab", "PanopticDeepLabPR"]
 
@@ -143,24 +143,7 @@ class PanopticDeepLabPR(PanopticDeepLab):
     to :class:`PanopticDeepLab`.
     """
 
-    def __init__(
-        self,
-        num_fc=3,
-        train_num_points=1024,
-        oversample_ratio=3,
-        importance_sample_ratio=0.75,
-        subdivision_steps=2,
-        subdivision_num_points=8192,
-        **kwargs,
-    ):
+    def __init__(self, **kwargs):
+        point_rend = split_point_rend_kwargs(kwargs)
         super().__init__(**kwargs)
-        self.semantic_pr = PointRendSemSegHead(
-            self.decoder_channels,
-            self.num_classes,
-            num_fc,
-            train_num_points,
-            oversample_ratio,
-            importance_sample_ratio,
-            subdivision_steps,
-            subdivision_num_points,
-        )
+        self.semantic_pr = PointRendSemSegHead(self.decoder_channels, self.num_classes, **point_rend)

@@ -206,3 +206,12 @@ class PointRendSemSegHead(nn.Module):
 
     def fuse_model(self) -> None:
         self.point_head.fuse_model()
+
+
+POINT_REND_KEYS = ("num_fc", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+                   "subdivision_steps", "subdivision_num_points")
+
+
+def split_point_rend_kwargs(kwargs: dict) -> dict:
+    """Remove and return the PointRend keyword arguments (see :class:`PointRendSemSegHead`)."""
+    return {k: kwargs.pop(k) for k in POINT_REND_KEYS if k in kwargs}
