@@ -1,0 +1,239 @@
+"""The "2D Inference (Parameter Testing)" widget.
+
+Segments the plane the viewer shows (or, in batch mode, every image of a stack) with the
+original's 2D parameters and writes a Labels layer. The widget only reads its fields and
+the viewer's state; the work is one call of :class:`panoptem.inference.engine.Engine2D`
+(``segment`` or ``segment_batch``) in a thread worker, with the model loaded once and
+cached by :func:`panoptem.loading.load_model` across clicks.
+
+Output: a new Labels layer ``empanada_seg_2d`` placed on the plane (the image's scale and
+translate plus the plane, viewport and ROI offsets), ``<image>_batch_segs`` in batch mode,
+or, with "Output to layer", the segmented region written into the chosen Labels layer
+through napari's undo history.
+"""
+
+
+import napari
+import numpy as np
+from magicgui import magicgui
+from napari.layers import Image, Labels, Shapes
+from napari.utils.notifications import show_error
+
+from panoptem._widgets import _common as common
+from panoptem._widgets import _settings
+from panoptem._widgets._worker import start_job
+from panoptem.errors import PanoptemError
+from panoptem.inference.engine import DOWNSAMPLING_FACTORS, Params2D
+
+__all__ = ["inference_2d_widget", "LAYER_NAME"]
+
+#: Name of the layer a 2D run adds (the original's).
+LAYER_NAME = "empanada_seg_2d"
+
+
+def _options(viewer) -> dict:
+    def roi_layers(_widget=None):
+        return [(lay.name, lay) for lay in viewer.layers if isinstance(lay, Shapes | Labels)]
+
+    return dict(
+        model_config=common.model_combo_options(),
+        downsampling=dict(widget_type="ComboBox", choices=list(DOWNSAMPLING_FACTORS), value=1,
+                          label="Image Downsampling",
+                          tooltip="Downsampling factor to apply before inference"),
+        confidence_thr=dict(widget_type="FloatSpinBox", value=0.5, min=0.1, max=0.9, step=0.1,
+                            label="Segmentation Confidence Thr"),
+        center_confidence_thr=dict(widget_type="FloatSpinBox", value=0.1, min=0.05, max=0.9,
+                                   step=0.05, label="Center Confidence Thr"),
+        min_distance_object_centers=dict(widget_type="SpinBox", value=3, min=1, max=35, step=1,
+                                         label="Centers Min Distance"),
+        fine_boundaries=dict(widget_type="CheckBox", text="Fine boundaries", value=False,
+                             tooltip="Finer boundaries between objects"),
+        semantic_only=dict(widget_type="CheckBox", text="Semantic only", value=False,
+                           tooltip="Only run semantic segmentation for all classes."),
+        fill_holes_in_segmentation=dict(widget_type="CheckBox", text="Fill holes in segmentation",
+                                        value=False,
+                                        tooltip="Fill holes inside each object."),
+        maximum_objects_per_class=dict(widget_type="LineEdit", value="10000",
+                                       label="Max objects per class",
+                                       tooltip="Maximum number of objects per class (the label "
+                                               "divisor of multiclass segmentations)."),
+        tile_size=dict(widget_type="SpinBox", value=0, min=0, max=128000, step=1280,
+                       label="Tile size",
+                       tooltip="Tile size for inference; the whole image is segmented if 0"),
+        batch_mode=dict(widget_type="CheckBox", text="Batch mode", value=False,
+                        tooltip="Segment each image of a stack independently."),
+        use_gpu=dict(widget_type="CheckBox", text="Use GPU", value=common.default_use_gpu(),
+                     tooltip="Run on the first GPU"),
+        use_quantized=dict(widget_type="CheckBox", text="Use quantized model",
+                           value=common.default_use_quantized(),
+                           tooltip="Use the model's int8 version on CPU, if it has one"),
+        viewport=dict(widget_type="CheckBox", text="Confine to viewport", value=False,
+                      tooltip="Segment only the part of the plane visible in the viewer."),
+        confine_to_roi=dict(widget_type="CheckBox", text="Confine to ROI", value=False,
+                            tooltip="Segment only inside the shapes (or the non-zero labels) "
+                                    "of the ROI layer."),
+        roi_layer=dict(widget_type="ComboBox", choices=roi_layers, label="ROI layer",
+                       nullable=True, tooltip="Shapes or Labels layer that defines the ROI"),
+        output_to_layer=dict(widget_type="CheckBox", text="Output to layer", value=False,
+                             tooltip="Write the segmentation into the selected output layer."),
+        output_layer=dict(label="Output layer", nullable=True),
+    )
+
+
+def _check(image_layer, batch_mode, viewport, confine_to_roi, roi_layer, output_to_layer,
+           output_layer) -> None:
+    """The original's checks of conflicting options, as messages that say what to change."""
+    common.require(image_layer is not None, "Add or select an image layer to segment.")
+    if batch_mode:
+        common.require(not output_to_layer, "Batch mode is not compatible with output to "
+                       "layer: untick 'Output to layer' or 'Batch mode'.")
+        common.require(not image_layer.multiscale, "Batch mode is not compatible with "
+                       "multiscale images: untick 'Batch mode'.")
+        common.require(not viewport, "Batch mode is not compatible with viewport inference: "
+                       "untick 'Confine to viewport' or 'Batch mode'.")
+        common.require(not confine_to_roi, "Batch mode is not compatible with ROI inference: "
+                       "untick 'Confine to ROI' or 'Batch mode'.")
+        common.require(image_layer.ndim in (2, 3), "Batch mode segments a 2D image or a 3D "
+                       f"stack; '{image_layer.name}' is {image_layer.ndim}D.")
+    if confine_to_roi:
+        common.require(roi_layer is not None, "Confine to ROI needs a Shapes or Labels layer: "
+                       "add one and choose it as the ROI layer.")
+    if output_to_layer:
+        common.require(output_layer is not None, "Must select an output layer or uncheck "
+                       "'Output to layer'.")
+        shape = tuple(common.level0(image_layer).shape)
+        common.require(tuple(output_layer.data.shape) == shape,
+                       f"Output layer must have the same shape as the input image: "
+                       f"'{output_layer.name}' is {tuple(output_layer.data.shape)}, "
+                       f"'{image_layer.name}' is {shape}.")
+
+
+def _segment_plane(model, device, quantized, params: Params2D, image, roi):
+    """The work of one 2D run (worker thread): load (cached), then segment."""
+    from panoptem.inference.engine import Engine2D
+    from panoptem.loading import load_model
+
+    def work(progress):
+        progress.stage("loading model", 0)
+        engine = Engine2D(load_model(model, device=device, quantized=quantized,
+                                     progress=progress))
+        tiled = params.tile_size > 0 and max(image.shape) > params.tile_size
+        if not tiled:
+            progress.stage("segmenting", 1)
+        seg = engine.segment(image, params, roi=roi, progress=progress)
+        if not tiled:
+            progress.advance()
+        return seg
+
+    return work
+
+
+def _segment_batch(model, device, quantized, params: Params2D, stack):
+    from panoptem.inference.engine import Engine2D
+    from panoptem.loading import load_model
+
+    def work(progress):
+        progress.stage("loading model", 0)
+        engine = Engine2D(load_model(model, device=device, quantized=quantized,
+                                     progress=progress))
+        return engine.segment_batch(stack, params, progress=progress)
+
+    return work
+
+
+def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
+    """The "2D Inference (Parameter Testing)" widget (an npe2 widget factory).
+
+    Calling the returned FunctionGui (or clicking "Run 2D Inference") starts the job and
+    returns its :class:`~panoptem._widgets._worker.Job` (None when an option was invalid;
+    the reason is shown as a notification).
+    """
+    viewer = napari_viewer
+
+    def run_2d_inference(
+        image_layer: Image,
+        model_config: str,
+        downsampling: int,
+        confidence_thr: float,
+        center_confidence_thr: float,
+        min_distance_object_centers: int,
+        fine_boundaries: bool,
+        semantic_only: bool,
+        fill_holes_in_segmentation: bool,
+        maximum_objects_per_class: str,
+        tile_size: int,
+        batch_mode: bool,
+        use_gpu: bool,
+        use_quantized: bool,
+        viewport: bool,
+        confine_to_roi: bool,
+        roi_layer,
+        output_to_layer: bool,
+        output_layer: Labels,
+    ):
+        try:
+            _check(image_layer, batch_mode, viewport, confine_to_roi, roi_layer,
+                   output_to_layer, output_layer)
+            common.require(bool(model_config), "No model is registered; register one with "
+                           "'Register a model'.")
+            params = Params2D(
+                downsampling=int(downsampling), confidence_thr=float(confidence_thr),
+                center_confidence_thr=float(center_confidence_thr),
+                min_distance=int(min_distance_object_centers), fine_boundaries=fine_boundaries,
+                semantic_only=semantic_only, fill_holes=fill_holes_in_segmentation,
+                max_objects=str(maximum_objects_per_class).strip(), tile_size=int(tile_size),
+            ).validated()
+            _settings.apply_model_home()
+            device = common.device_name(use_gpu)
+            if batch_mode:
+                return _run_batch(viewer, image_layer, model_config, device, use_quantized,
+                                  params)
+            plane = common.current_plane(viewer, image_layer, viewport=viewport)
+            roi = common.roi_mask(plane, image_layer, roi_layer) if confine_to_roi else None
+        except PanoptemError as err:
+            show_error(str(err))
+            return None
+
+        def show(seg: np.ndarray) -> None:
+            if output_to_layer:
+                _write_into(output_layer, plane, seg, roi)
+            else:
+                viewer.add_labels(plane.as_layer_data(seg), name=LAYER_NAME,
+                                  scale=image_layer.scale, translate=plane.translate(image_layer))
+
+        work = _segment_plane(model_config, device, use_quantized, params, plane.image, roi)
+        return start_job(work, title="2D inference", on_done=show)
+
+    widget = magicgui(run_2d_inference, call_button="Run 2D Inference", layout="vertical",
+                      scrollable=True, **_options(viewer))
+    common.install_model_refresh(widget.model_config)
+    return widget
+
+
+def _run_batch(viewer, image_layer, model_config, device, quantized, params):
+    data = np.asarray(image_layer.data)
+
+    def show(stack: np.ndarray) -> None:
+        if data.ndim == 2:
+            viewer.add_labels(stack[0], name=LAYER_NAME, scale=image_layer.scale,
+                              translate=image_layer.translate)
+        else:
+            viewer.add_labels(stack, name=f"{image_layer.name}_batch_segs",
+                              scale=image_layer.scale, translate=image_layer.translate)
+
+    work = _segment_batch(model_config, device, quantized, params, data)
+    return start_job(work, title="2D batch inference", on_done=show)
+
+
+def _write_into(layer, plane: common.Plane, seg: np.ndarray, roi: np.ndarray | None) -> None:
+    """Write ``seg`` over the plane's region of a Labels layer (one undoable edit)."""
+    coords = plane.coordinates(roi)
+    values = seg[roi] if roi is not None else seg.reshape(-1)
+    dtype = np.dtype(layer.data.dtype)
+    if values.size and dtype.kind in "iu" and int(values.max()) > np.iinfo(dtype).max:
+        raise PanoptemError(
+            f"Label ids up to {int(values.max())} do not fit the {dtype} output layer "
+            f"'{layer.name}'; lower 'Max objects per class' or use a uint32/int32 layer."
+        )
+    layer.data_setitem(coords, values.astype(layer.data.dtype, copy=False))
+    layer.visible = True
