@@ -28,11 +28,11 @@ PLUGIN = "panoptem"
 
 
 def _settings():
-    from napari.settings import get_plugin_settings
-
     try:
+        from napari.settings import get_plugin_settings
+
         return get_plugin_settings(PLUGIN)
-    except KeyError:
+    except (ImportError, KeyError):  # napari < 0.9, or panoptem not installed as a plugin
         return None
 
 

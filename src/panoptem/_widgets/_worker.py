@@ -9,7 +9,7 @@ bars are GUI objects. The bar's Cancel button (napari's activity dock) and :meth
 both set the Progress's cancel flag, so the core raises :class:`~panoptem.errors.Cancelled`
 at its next step.
 
-Outcomes become napari notifications: a :class:`~panoptem.errors.PanoptemError` shows its
+Outcomes become napari notifications (warnings raised in the worker too): a :class:`~panoptem.errors.PanoptemError` shows its
 message (which says what to change), a cancel shows "<title> cancelled", anything else
 shows the exception text.
 
@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress
 from qtpy.QtCore import QObject, Signal
 
@@ -198,6 +198,7 @@ class Job:
         worker.returned.connect(self._returned)
         worker.errored.connect(self._errored)
         worker.finished.connect(self._finished)
+        worker.warned.connect(lambda w: show_warning(str(w[0])))
         self.worker = worker
         _running.add(self)
         worker.start()
