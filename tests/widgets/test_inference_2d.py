@@ -303,3 +303,26 @@ def test_labels_are_drawn_over_the_image(make_widget, wait_job, em_image, qtbot)
     assert grey.mean() > 0.95
     changed = np.abs(over - under).sum(-1) > 30
     assert changed.any() and coloured[changed].mean() > 0.9
+
+
+def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lucchi_image,
+                                                       qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = make_widget()
+    layer = viewer.add_image(lucchi_image[:384, :512])
+    widget.reset_choices()
+    widget.image_layer.value = layer
+    widget.tile_size.value = 192
+    ticks, bars = [], []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(10)
+    job = widget()
+    job._relay.update.connect(lambda *_: bars.append((job.bar.desc, job.bar.n, job.bar.total)))
+    wait_job(job)
+    timer.stop()
+    tiles = [b for b in bars if "tiles" in b[0]]
+    assert tiles and tiles[-1][1] == tiles[-1][2] > 1  # determinate: n of N tiles
+    assert len(ticks) > 5  # the event loop kept running while the model ran
+    assert "empanada_seg_2d" in viewer.layers

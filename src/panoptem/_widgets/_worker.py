@@ -15,11 +15,13 @@ shows the exception text.
 
 Torch threads
 -------------
-``torch.set_num_threads`` is stored per thread by the OpenMP runtime: a fresh worker thread
-starts from the process default, not from what the GUI thread set. Each job therefore sets,
-inside its worker thread, the intra-op thread count the GUI thread has when the job starts
-(only if torch is already imported and the counts differ). With that, a forward pass in the
-worker runs as fast as in the main thread (see ``benchmarks/bench_worker.py``).
+torch keeps one process-wide intra-op thread count (``torch.set_num_threads``); with
+torch 2.13 a worker thread sees the count the GUI thread set, and a forward pass in a
+napari worker runs as fast as in the main thread (``benchmarks/bench_worker.py``; numbers
+in ``benchmarks/README.md``). Because some OpenMP builds keep the count per thread, each
+job still sets, inside its worker thread, the count the GUI thread has when the job starts
+(only if torch is already imported and the counts differ): a cheap guard, not a fix for
+a slowdown seen here.
 
 Set ``PANOPTEM_NOTHREADS=1`` to run jobs synchronously in the GUI thread (debugging,
 profiling); the callbacks and notifications are the same.
@@ -121,6 +123,7 @@ class Job:
         self._relay.update.connect(self._show_progress)
         self.progress = _SignalProgress(self._relay)
         self.bar: _Bar | None = None
+        self._desc = title
         self.worker = None
         self.done = False
         self.result: Any = None
@@ -138,7 +141,8 @@ class Job:
         if bar is None or bar.is_canceled:
             return
         desc = f"{self.title}: {stage}" if stage else self.title
-        if desc != bar.desc:
+        if desc != self._desc:
+            self._desc = desc
             bar.set_description(desc)
         if total != bar.total:
             bar.total = total
