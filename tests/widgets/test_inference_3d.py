@@ -1,0 +1,262 @@
+"""The "3D Inference" widget on a real FIB-SEM volume, checked against the headless engine.
+
+The widget must only map its fields onto Params2D/Params3D, run Engine3D (or the
+multi-process runner) and place the arrays: every test compares the layers with what
+Engine3D gives for the same crop and parameters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from panoptem.inference.engine import Params2D
+from panoptem.inference.volume import Engine3D, Params3D
+
+SCALE = (3.0, 2.0, 2.0)
+TRANSLATE = (5.0, -8.0, 4.0)
+FAST = {"min_size": 50, "min_extent": 2}  # keep objects of the small test crops
+SLOW_MS = 600_000  # CPU-only CI machines shared with other work can be slow
+
+
+@pytest.fixture(autouse=True)
+def no_job_left_running(qtbot):
+    """A test that fails while a job still runs cancels it, so Qt is not torn down under it."""
+    yield
+    from panoptem._widgets import _worker
+
+    job = _worker.last_job
+    if job is not None and not job.done:
+        job.cancel()
+        qtbot.waitUntil(lambda: job.done, timeout=SLOW_MS)
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, registered_model):
+    """``viewer, widget = make_widget()``: a viewer with the 3D widget docked, CPU float model."""
+
+    def make():
+        from panoptem._widgets.inference_3d import inference_3d_widget
+
+        viewer = make_napari_viewer()
+        widget = inference_3d_widget(viewer)
+        viewer.window.add_dock_widget(widget)
+        widget.model_config.value = registered_model
+        widget.use_gpu.value = False
+        widget.use_quantized.value = False
+        return viewer, widget
+
+    return make
+
+
+def start(widget, **values):
+    widget.reset_choices()
+    for name, value in values.items():
+        getattr(widget, name).value = value
+    return widget()
+
+
+def headless(model, volume, zarr_path=None, **p3):
+    return Engine3D(model).segment(volume, Params2D(), Params3D(**p3), zarr_path=zarr_path)
+
+
+def test_fields_defaults_and_button(make_widget, registered_model):
+    _, w = make_widget()
+    assert w._call_button.text == "Run 3D Inference"
+    assert registered_model in w.model_config.choices
+    labels = {name: getattr(w, name).label for name in (
+        "downsampling", "confidence_thr", "center_confidence_thr", "min_distance_object_centers",
+        "median_slices", "min_size", "min_extent", "maximum_objects_per_class",
+        "inference_plane", "label_erosion", "label_dilation", "pixel_vote_thr", "store_dir",
+        "chunk_size")}
+    assert labels == {
+        "downsampling": "Image Downsampling", "confidence_thr": "Segmentation Confidence Thr",
+        "center_confidence_thr": "Center Confidence Thr",
+        "min_distance_object_centers": "Centers Min Distance",
+        "median_slices": "Median Filter Size", "min_size": "Min Size (Voxels)",
+        "min_extent": "Min Box Extent", "maximum_objects_per_class": "Max objects per class in 3D",
+        "inference_plane": "Inference plane", "label_erosion": "Erode Labels",
+        "label_dilation": "Dilate Labels", "pixel_vote_thr": "Voxel Vote Thr Out of 3",
+        "store_dir": "Directory", "chunk_size": "Chunk size"}
+    texts = {name: getattr(w, name).text for name in (
+        "use_gpu", "use_quantized", "multigpu", "fine_boundaries", "semantic_only",
+        "fill_holes_in_segmentation", "orthoplane", "return_panoptic", "allow_one_view")}
+    assert texts["multigpu"] == "Multi GPU" and texts["orthoplane"] == "Run ortho-plane"
+    assert texts["allow_one_view"] == "Permit detections found in 1 stack into consensus"
+    assert texts["return_panoptic"] == "Return xy, xz, yz stacks"
+    values = {name: getattr(w, name).value for name in (
+        "downsampling", "confidence_thr", "center_confidence_thr", "min_distance_object_centers",
+        "fine_boundaries", "semantic_only", "median_slices", "min_size", "min_extent",
+        "maximum_objects_per_class", "inference_plane", "label_erosion", "label_dilation",
+        "fill_holes_in_segmentation", "orthoplane", "return_panoptic", "pixel_vote_thr",
+        "allow_one_view", "chunk_size", "multigpu")}
+    assert values == {
+        "downsampling": 1, "confidence_thr": 0.5, "center_confidence_thr": 0.1,
+        "min_distance_object_centers": 3, "fine_boundaries": False, "semantic_only": False,
+        "median_slices": 3, "min_size": 500, "min_extent": 5, "maximum_objects_per_class": "10000",
+        "inference_plane": "xy", "label_erosion": 0, "label_dilation": 0,
+        "fill_holes_in_segmentation": False, "orthoplane": True, "return_panoptic": False,
+        "pixel_vote_thr": 2, "allow_one_view": False, "chunk_size": "256", "multigpu": False}
+    assert str(w.store_dir.value) == "no zarr storage" and w.store_dir.mode.value == "d"
+    assert list(w.median_slices.choices) == [1, 3, 5, 7, 9, 11]
+    assert list(w.inference_plane.choices) == ["xy", "xz", "yz"]
+    assert (w.min_size.min, w.min_size.max, w.min_size.step) == (0, 1_000_000, 100)
+    assert (w.pixel_vote_thr.min, w.pixel_vote_thr.max) == (1, 3)
+    assert (w.label_erosion.max, w.label_dilation.max, w.min_extent.max) == (50, 50, 1000)
+    heads = [x.value for x in w if x.name.endswith("_head")]
+    assert heads == ["<h3>2D Parameters</h3>", "<h3>Stack Parameters</h3>",
+                     "<h3>Ortho-plane Parameters (Optional)</h3>", "<h3>Zarr Storage (optional)</h3>"]
+
+
+def test_stack_xy_layers_equal_the_engine(make_widget, wait_job, registered_model, em_volume):
+    vol = np.ascontiguousarray(em_volume[:16, :128, :128])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="crop", scale=SCALE, translate=TRANSLATE)
+    job = wait_job(start(w, image_layer=image, orthoplane=False, return_panoptic=True,
+                         maximum_objects_per_class="1000", **FAST), timeout=SLOW_MS)
+    assert job.error is None
+    ref = headless(registered_model, vol, max_objects=1000, return_stacks=True, **FAST)
+    mito, stack = viewer.layers["crop-mito-prediction"], viewer.layers["crop-panoptic-stack-xy"]
+    assert [lay.name for lay in viewer.layers] == ["crop", "crop-panoptic-stack-xy",
+                                                  "crop-mito-prediction"]
+    assert mito.data.dtype == np.int32 and mito.data.shape == vol.shape
+    np.testing.assert_array_equal(mito.data, ref.classes["mito"])
+    np.testing.assert_array_equal(stack.data, ref.stacks["xy"])
+    ids = np.unique(mito.data[mito.data > 0])
+    assert len(ids) > 0 and (ids == np.arange(1, len(ids) + 1)).all()
+    assert set(np.unique(stack.data[stack.data > 0]) // 1000) == {1}  # class 1 * divisor + k
+    for lay in (mito, stack):
+        np.testing.assert_allclose(lay.scale, SCALE)
+        np.testing.assert_allclose(lay.translate, TRANSLATE)
+    assert mito.visible and image.visible and not stack.visible  # as the original
+
+
+def test_other_plane_and_parameters_4d_input(make_widget, wait_job, registered_model,
+                                             em_volume):
+    """A (1, Z, Y, X) image loses its channel axis (and its scale); yz plane, 2D and
+    morphology options reach the engine."""
+    vol = np.ascontiguousarray(em_volume[:12, :64, :48])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol[None], name="four", scale=(1.0, *SCALE))
+    job = wait_job(start(w, image_layer=image, orthoplane=False, inference_plane="yz",
+                         downsampling=2, confidence_thr=0.3, center_confidence_thr=0.2,
+                         min_distance_object_centers=5, median_slices=5, label_dilation=1,
+                         fill_holes_in_segmentation=True, min_size=20, min_extent=1),
+                   timeout=SLOW_MS)
+    assert job.error is None
+    p2 = Params2D(downsampling=2, confidence_thr=0.3, center_confidence_thr=0.2, min_distance=5)
+    p3 = Params3D(plane="yz", median_size=5, dilate=1, fill_holes=True, min_size=20,
+                  min_extent=1)
+    ref = Engine3D(registered_model).segment(vol, p2, p3).classes["mito"]
+    out = viewer.layers["four-mito-prediction"]
+    assert out.data.shape == vol.shape and ref.any()
+    np.testing.assert_array_equal(out.data, ref)
+    np.testing.assert_allclose(out.scale, SCALE)
+
+
+def test_ortho_plane_to_zarr_then_reopened(make_widget, wait_job, registered_model, em_volume,
+                                           tmp_path):
+    vol = np.ascontiguousarray(em_volume[:8, :40, :48])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="vol", scale=SCALE, translate=TRANSLATE)
+    job = wait_job(start(w, image_layer=image, return_panoptic=True, store_dir=str(tmp_path),
+                         chunk_size="4, 32, 32", **FAST), timeout=SLOW_MS)
+    assert job.error is None and w.orthoplane.value
+    store = tmp_path / f"vol_{registered_model}.zarr"
+    ref = headless(registered_model, vol, ortho_plane=True, return_stacks=True, **FAST)
+    names = ["vol-panoptic-stack-xy", "vol-panoptic-stack-xz", "vol-panoptic-stack-yz",
+             "vol-mito-prediction"]
+    assert [lay.name for lay in viewer.layers][1:] == names
+    on_disk = zarr.open_group(str(store), mode="r")
+    assert sorted(on_disk.array_keys()) == ["mito", "panoptic_xy", "panoptic_xz", "panoptic_yz"]
+    assert on_disk["mito"].chunks == (4, 32, 32) and on_disk["mito"].dtype == np.int32
+    mito = viewer.layers["vol-mito-prediction"]
+    assert isinstance(mito.data, zarr.Array)  # shown lazily from the store
+    np.testing.assert_array_equal(mito.data[:], ref.classes["mito"])
+    assert ref.classes["mito"].any()
+    for ax in ("xy", "xz", "yz"):
+        np.testing.assert_array_equal(viewer.layers[f"vol-panoptic-stack-{ax}"].data[:],
+                                      ref.stacks[ax])
+
+    # the reader reopens the store with the same names, data and placement
+    viewer.layers.clear()
+    viewer.open(str(store), plugin="panoptem")
+    assert [lay.name for lay in viewer.layers] == names
+    for lay in viewer.layers:
+        assert lay.__class__.__name__ == "Labels"
+        np.testing.assert_allclose(lay.scale, SCALE)
+        np.testing.assert_allclose(lay.translate, TRANSLATE)
+    np.testing.assert_array_equal(np.asarray(viewer.layers["vol-mito-prediction"].data),
+                                  ref.classes["mito"])
+
+
+def test_cancel_stops_a_running_job(make_widget, wait_job, notifications, em_volume, tmp_path,
+                                    qtbot):
+    viewer, w = make_widget()
+    image = viewer.add_image(np.ascontiguousarray(em_volume[:, :128, :128]), name="big")
+    job = start(w, image_layer=image, store_dir=str(tmp_path), **FAST)
+    assert job is not None and job.worker is not None
+    qtbot.waitUntil(lambda: job.progress.stage_name.startswith("stack")
+                    and job.progress.done >= 2, timeout=SLOW_MS)
+    job.cancel()
+    wait_job(job, timeout=SLOW_MS)
+    assert type(job.error).__name__ == "Cancelled"
+    assert job.progress.done < 64  # stopped within the first stack
+    assert [lay.name for lay in viewer.layers] == ["big"]
+    assert any(level == "info" and "cancelled" in text for level, text in notifications)
+    store = next(tmp_path.glob("*.zarr"))
+    assert list(zarr.open_group(str(store), mode="r").array_keys()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("case, message", [
+    ("2d", "needs a volume"),
+    ("chunks", "Chunk size"),
+    ("max_objects", "Max objects per class in 3D"),
+    ("multigpu", "Multi GPU needs at least two CUDA GPUs"),
+    ("no_layer", "Choose an image layer"),
+])
+def test_bad_input_is_a_notification(make_widget, notifications, em_volume, case, message,
+                                     monkeypatch):
+    from panoptem._widgets import inference_3d
+
+    viewer, w = make_widget()
+    vol = em_volume[:4, :32, :32]
+    image = viewer.add_image(vol[0] if case == "2d" else vol)
+    values = {"image_layer": image}
+    if case == "chunks":
+        values["chunk_size"] = "32, 32"
+    elif case == "max_objects":
+        values["maximum_objects_per_class"] = "many"
+    elif case == "multigpu":
+        monkeypatch.setattr(inference_3d, "multi_gpu_devices", lambda: ["cuda:0"])
+        values["multigpu"] = True
+    elif case == "no_layer":
+        viewer.layers.clear()
+        values = {}
+    assert start(w, **values) is None
+    assert any(level == "error" and message in text for level, text in notifications)
+    assert len(viewer.layers) == (0 if case == "no_layer" else 1)
+
+
+def test_multi_gpu_runs_one_process_per_device(make_widget, wait_job, registered_model,
+                                               em_volume, monkeypatch):
+    """"Multi GPU" reaches the multi-process runner (here two CPU processes, gloo) and gives
+    the single-process result."""
+    from panoptem._widgets import inference_3d
+
+    calls = []
+
+    def devices():
+        calls.append(1)
+        return ["cpu", "cpu"]
+
+    monkeypatch.setattr(inference_3d, "multi_gpu_devices", devices)
+    vol = np.ascontiguousarray(em_volume[:8, :64, :80])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="mp")
+    job = wait_job(start(w, image_layer=image, multigpu=True, orthoplane=False, **FAST),
+                   timeout=SLOW_MS)
+    assert job.error is None and calls
+    ref = headless(registered_model, vol, **FAST)
+    np.testing.assert_array_equal(viewer.layers["mp-mito-prediction"].data, ref.classes["mito"])
