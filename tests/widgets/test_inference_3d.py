@@ -260,3 +260,38 @@ def test_multi_gpu_runs_one_process_per_device(make_widget, wait_job, registered
     assert job.error is None and calls
     ref = headless(registered_model, vol, **FAST)
     np.testing.assert_array_equal(viewer.layers["mp-mito-prediction"].data, ref.classes["mito"])
+
+
+def test_multiscale_quantized_and_the_model_is_kept(make_widget, wait_job, small_config,
+                                                    small_model_file, em_volume, tmp_path):
+    """Level 0 of a multiscale image is segmented; "Use quantized model" loads the config's
+    int8 file (here the float file stands in for it) once, and a second click reuses it."""
+    import yaml
+
+    from panoptem import loading, registry
+
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(yaml.safe_dump({**small_config, "model_quantized": str(small_model_file)}))
+    name = registry.register_model("SmallQuantized", cfg)
+    vol = np.ascontiguousarray(em_volume[:6, :32, :48])
+    viewer, w = make_widget()
+    image = viewer.add_image([vol, vol[:, ::2, ::2]], multiscale=True, name="ms")
+    for _ in range(2):
+        job = wait_job(start(w, image_layer=image, model_config=name, use_quantized=True,
+                             orthoplane=False, min_size=20, min_extent=1), timeout=SLOW_MS)
+        assert job.error is None
+    assert [key[2] for key in loading._model_cache] == [True]  # the quantized slot, loaded once
+    out = viewer.layers["ms-mito-prediction"].data
+    assert out.shape == vol.shape
+    np.testing.assert_array_equal(out, headless(small_config, vol, min_size=20, min_extent=1)
+                                  .classes["mito"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_use_gpu_without_cuda_is_a_notification(make_widget, wait_job, notifications, em_volume):
+    viewer, w = make_widget()
+    image = viewer.add_image(em_volume[:4, :32, :32])
+    job = wait_job(start(w, image_layer=image, use_gpu=True, orthoplane=False))
+    assert type(job.error).__name__ == "PanoptemError"
+    assert any(level == "error" and "CUDA is not available" in text for level, text in notifications)
+    assert len(viewer.layers) == 1
