@@ -131,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    tr = sub.add_parser("train", help="train a model from scratch from a training config")
+    tr.add_argument("--config", required=True,
+                    help="training YAML (see custom_configs/custom_training_pdl.yaml)")
+    tr.add_argument("--train-dir", help="dataset folder <dir>/<source>/images|masks (else TRAIN.train_dir)")
+    tr.add_argument("--eval-dir", help="validation folder, same layout (else EVAL.eval_dir)")
+    tr.add_argument("-o", "--model-dir", help="folder for the new .pth and .yaml (else TRAIN.model_dir)")
+    tr.add_argument("--name", help="name of the new model (else model_name)")
+    tr.add_argument("--iterations", type=int, help="training iterations (else TRAIN.iterations)")
+    tr.add_argument("--patch-size", type=int, help="patch size (else TRAIN.patch_size, 256)")
+    tr.add_argument("--batch-size", type=int, help="batch size (else TRAIN.batch_size)")
+    tr.add_argument("--quantize", action="store_true", help="also write the int8 CPU model")
+    tr.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    tr.add_argument("--log", help="JSON-lines file for the loss and validation metrics")
+    tr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
     demo.add_argument("--image", help="use this image instead of the bundled sample")
@@ -298,6 +314,28 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from panoptem.progress import TextProgress
+    from panoptem.training.train import train_model
+
+    progress = TextProgress(disable=args.quiet)
+    try:
+        out = train_model(args.config, train_dir=args.train_dir, model_dir=args.model_dir,
+                          name=args.name, iterations=args.iterations, patch_size=args.patch_size,
+                          batch_size=args.batch_size, eval_dir=args.eval_dir, device=args.device,
+                          seed=args.seed, quantize=args.quantize, log_path=args.log,
+                          progress=progress)
+    finally:
+        progress.close()
+    for ev in out.evaluations:
+        print(f"validation at {ev['iteration']}: IoU {ev['iou']:.3f}  F1@0.5 {ev['f1']:.3f}  PQ {ev['pq']:.3f}")
+    print(f"trained in {out.seconds / 60:.1f} min; registered '{out.exported.name}': "
+          f"{out.exported.model_path} + {out.exported.config_path}")
+    if out.quantized_path:
+        print(f"quantized model: {out.quantized_path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from panoptem.demo import run_demo
 
@@ -310,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
-                "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "demo": _cmd_demo}
+                "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "train": _cmd_train,
+                "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except PanoptemError as err:

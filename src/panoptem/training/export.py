@@ -20,7 +20,8 @@ from panoptem.errors import PanoptemError
 from panoptem.models import export_torchscript
 from panoptem.models.export import _JIT_DEPRECATION
 
-__all__ = ["ExportedModel", "padding_factor_for", "export_trained_model"]
+__all__ = ["ExportedModel", "padding_factor_for", "export_trained_model", "load_checkpoint",
+           "export_checkpoint", "quantize_registered"]
 
 
 def padding_factor_for(arch: str) -> int:
@@ -39,7 +40,7 @@ class ExportedModel:
 def export_trained_model(model, name: str, model_dir, *, arch: str, class_names: dict,
                          labels: list, thing_list: list, norms: dict, description: str = "",
                          finetune: dict | None = None, padding_factor: int | None = None,
-                         register: bool = True) -> ExportedModel:
+                         quantized=None, register: bool = True) -> ExportedModel:
     """Export ``model`` to ``<model_dir>/<name>.pth`` + ``<name>.yaml`` and register it.
 
     Parameters
@@ -50,6 +51,8 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
     class_names, labels, thing_list, norms : the registry keys (norms as fractions of 255).
     finetune : the ``FINETUNE`` block; the built-in MitoNet_v1 recipe when None.
     padding_factor : overrides the architecture's (a finetuned model keeps its config's).
+    quantized : an int8 TorchScript module (see :mod:`panoptem.models.quantize`), saved as
+        ``<name>_quantized.pth`` and set as the config's ``model_quantized``.
 
     Returns
     -------
@@ -77,7 +80,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
         "labels": [int(c) for c in labels],
         "thing_list": [int(c) for c in thing_list],
         "model": str(pth.resolve()),
-        "model_quantized": None,
+        "model_quantized": _save_quantized(quantized, model_dir / f"{name}_quantized.pth"),
         "padding_factor": int(padding_factor or padding_factor_for(arch)),
         "norms": {"mean": float(norms["mean"]), "std": float(norms["std"])},
         "description": description or f"{arch} trained with panoptem.",
@@ -87,3 +90,121 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     final = registry.register_model(name, cfg_path, model=pth) if register else name
     return ExportedModel(final, pth, cfg_path)
+
+
+def _save_quantized(module, path: Path) -> str | None:
+    if module is None:
+        return None
+    from panoptem.models.quantize import save_quantized
+
+    save_quantized(module, path)
+    return str(path.resolve())
+
+
+def load_checkpoint(path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of a training checkpoint (``<name>_checkpoint.pth.tar``).
+
+    Returns the model (eval mode, weights loaded) and the training config stored with it.
+    """
+    from panoptem.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise PanoptemError(f"Checkpoint not found: {path}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        cfg = state["config"]
+        model = build_model(cfg["MODEL"])
+        model.load_state_dict(state["state_dict"])
+    except PanoptemError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable, foreign or mismatched checkpoints
+        raise PanoptemError(f"{path} is not a panoptem training checkpoint ({type(err).__name__}: "
+                            f"{err}); give the <name>_checkpoint.pth.tar written by training.") from None
+    cfg.setdefault("DATASET", {})["norms"] = dict(state.get("norms") or cfg["DATASET"].get("norms"))
+    return model.eval(), cfg
+
+
+def _classes(cfg: dict) -> dict:
+    d = cfg.get("DATASET") or {}
+    class_names = {int(k): str(v) for k, v in (d.get("class_names") or {1: "object"}).items()}
+    labels = [int(c) for c in (d.get("labels") or sorted(class_names))]
+    return {"class_names": class_names, "labels": labels,
+            "thing_list": [int(c) for c in (d.get("thing_list") or labels)], "norms": d["norms"]}
+
+
+def _calibration(model_cfg: dict, norms: dict, calibration_dir, limit: int = 16):
+    from panoptem.models.quantize import calibration_tensors
+    from panoptem.training.datasets import find_pairs, read_image_8bit
+
+    pairs = find_pairs(calibration_dir)
+    step = max(1, len(pairs) // limit)  # spread over the sources, not the first folder only
+    images = (read_image_8bit(p[0]) for p in pairs[::step])
+    return calibration_tensors(images, norms, multiple=padding_factor_for(model_cfg["arch"]), limit=limit)
+
+
+def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantize: bool = False,
+                      calibration_dir=None, description: str = "") -> ExportedModel:
+    """Export a training checkpoint as a registered TorchScript model (``panoptem export``).
+
+    With ``quantize`` the int8 version, calibrated on the images of ``calibration_dir``
+    (dataset layout; the training images), is written and registered with it.
+    """
+    model, cfg = load_checkpoint(checkpoint)
+    keys = _classes(cfg)
+    quantized = None
+    if quantize:
+        if calibration_dir is None:
+            raise PanoptemError("Quantizing needs calibration images: give the training folder.")
+        from panoptem.models.quantize import quantize_model
+
+        quantized = quantize_model(model, _calibration(cfg["MODEL"], keys["norms"], calibration_dir))
+    name = name or cfg.get("model_name") or Path(checkpoint).name.split("_checkpoint")[0]
+    return export_trained_model(model, name, model_dir, arch=cfg["MODEL"]["arch"],
+                                description=description or cfg.get("description") or "",
+                                quantized=quantized, **keys)
+
+
+def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_config=None) -> Path:
+    """Add an int8 version to the user-registered model ``name`` (``panoptem quantize``).
+
+    The float weights come from the model's training ``checkpoint`` or, for a TorchScript
+    file exported by panoptem, from the file itself rebuilt with ``arch_config`` (a training
+    config, or its MODEL section, that built it). Calibration uses the images of
+    ``calibration_dir`` (dataset layout; the training images). The quantized file is
+    written beside the model's ``.pth`` and the registered config's ``model_quantized`` is
+    set to it. Built-in models cannot be changed.
+    """
+    from panoptem.models.quantize import model_from_torchscript, quantize_model, save_quantized
+
+    if (checkpoint is None) == (arch_config is None):
+        raise PanoptemError("Give either the training checkpoint or the architecture config, not both.")
+    cfg_path = registry.config_dir() / f"{name}.yaml"
+    if not cfg_path.is_file():
+        known = ", ".join(registry.list_models())
+        raise PanoptemError(f"No user-registered model named {name!r} (built-in models cannot be "
+                            f"changed); registered models: {known}.")
+    registered = registry.read_config(cfg_path)
+    model_path = Path(str(registered["model"]))
+    if checkpoint is not None:
+        model, cfg = load_checkpoint(checkpoint)
+        arch = cfg["MODEL"]
+    else:
+        if not isinstance(arch_config, dict):
+            from panoptem.training.config import load_training_config
+
+            arch_config = load_training_config(arch_config)
+        arch = arch_config.get("MODEL", arch_config)
+        if not model_path.is_file():
+            raise PanoptemError(f"The model file of {name} is not local ({model_path}); quantize from "
+                                "its checkpoint instead.")
+        model = model_from_torchscript(model_path, arch)
+    module = quantize_model(model, _calibration(arch, registered["norms"], calibration_dir),
+                            already_fused=checkpoint is None)
+    folder = model_path.parent if model_path.is_file() else cfg_path.parent
+    out = folder / f"{name}_quantized.pth"
+    save_quantized(module, out)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model_quantized"] = str(out.resolve())
+    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out

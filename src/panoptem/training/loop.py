@@ -78,6 +78,7 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
           amp: bool = True, workers: int = 0, seed: int = 0,
           evaluate: Callable[[torch.nn.Module], dict] | None = None, eval_every: int = 0,
           checkpoint: Callable[[torch.nn.Module, int], None] | None = None, save_every: int = 0,
+          on_iteration: Callable[[int, float], None] | None = None,
           progress: Progress | None = None) -> TrainResult:
     """Train ``model`` in place for ``iterations`` batches of ``dataset``.
 
@@ -89,6 +90,7 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
     evaluate : callable(model) -> dict of metrics, run every ``eval_every`` iterations and at
         the end (the model is put in eval mode around it).
     checkpoint : callable(model, iteration), run every ``save_every`` iterations and at the end.
+    on_iteration : callable(iteration, loss) after every iteration (e.g. a loss log).
     """
     if iterations < 1:
         raise PanoptemError(f"Iterations must be at least 1; got {iterations}.")
@@ -106,6 +108,11 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         drop_last=True, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=max_lr)
+    # OneCycle divides by zero when the warm-up is exactly one step (e.g. 10 iterations at
+    # 0.1); such runs get a two-step warm-up
+    pct_start = float(pct_start)
+    if abs(pct_start * iterations - 1.0) < 1e-9:
+        pct_start = 2.0 / iterations
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=iterations,
                                                    pct_start=pct_start)
     use_amp = amp and device.type == "cuda"
@@ -125,6 +132,8 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
         schedule.step()
         result.losses.append(float(loss.detach()))
         result.parts.append(parts)
+        if on_iteration is not None:
+            on_iteration(it, result.losses[-1])
         last = it == iterations
         if evaluate is not None and ((eval_every and it % eval_every == 0) or last):
             model.eval()

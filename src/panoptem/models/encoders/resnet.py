@@ -137,31 +137,33 @@ class ResNet(nn.Module):
     Notes
     -----
     ``forward(x)`` with x of shape (N, in_channels, H, W) returns
-    ``[p1, p2, p3, p4, p5]``: the stem after max-pooling (N, 64, H/4, W/4), ``layer1``
+    ``[p1, p2, p3, p4, p5]``: the stem after max-pooling (N, base_planes, H/4, W/4), ``layer1``
     (N, widths[0], H/4, W/4), ``layer2`` (H/8), ``layer3`` (H/16) and ``layer4``
     (H/16 or H/32 depending on ``output_stride``).
     """
 
     def __init__(
-        self, block, layers, groups=1, width_per_group=64, in_channels=1, output_stride=32
+        self, block, layers, groups=1, width_per_group=64, in_channels=1, output_stride=32,
+        base_planes=64,
     ):
         super().__init__()
         if output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
         self.groups = groups
         self.base_width = width_per_group
-        self.inplanes = 64
+        b = int(base_planes)
+        self.inplanes = b
         self.widths: list[int] = []
-        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(in_channels, b, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(b)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer1 = self._make_layer(block, b, layers[0])
+        self.layer2 = self._make_layer(block, 2 * b, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * b, layers[2], stride=2)
         dilated = output_stride == 16
         self.layer4 = self._make_layer(
-            block, 512, layers[3], stride=1 if dilated else 2, dilation=2 if dilated else 1
+            block, 8 * b, layers[3], stride=1 if dilated else 2, dilation=2 if dilated else 1
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -204,8 +206,11 @@ class ResNet(nn.Module):
                 m.fuse_model()
 
 
-# name -> (block, layers, groups, width_per_group)
+# name -> (block, layers, groups, width_per_group[, base_planes])
 ENCODERS: dict[str, tuple] = {
+    # panoptem's own: ResNet-18 at half width (stem 32, stages 32..256 channels, 2.8 M
+    # parameters); small and fast enough to train on a laptop CPU (the bundled model's)
+    "resnet18_half": (BasicBlock, [2, 2, 2, 2], 1, 64, 32),
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
     "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
     "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
@@ -220,7 +225,7 @@ ENCODERS: dict[str, tuple] = {
 
 def build_resnet(name: str, output_stride: int = 32, in_channels: int = 1) -> ResNet:
     """Build the encoder called ``name`` (a key of :data:`ENCODERS`)."""
-    block, layers, groups, width = ENCODERS[name]
+    block, layers, groups, width, *base = ENCODERS[name]
     return ResNet(
         block,
         layers,
@@ -228,6 +233,7 @@ def build_resnet(name: str, output_stride: int = 32, in_channels: int = 1) -> Re
         width_per_group=width,
         in_channels=in_channels,
         output_stride=output_stride,
+        base_planes=base[0] if base else 64,
     )
 
 

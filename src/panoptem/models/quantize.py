@@ -1,0 +1,143 @@
+"""Static int8 quantization for CPU inference (the ``model_quantized`` file of a config).
+
+As the original's quantized releases: the ResNet encoder, where nearly all the arithmetic
+is, runs in int8 with per-channel weights and activation ranges calibrated on real images;
+the decoders, heads and PointRend stay in float. panoptem uses PyTorch's FX graph mode on
+the encoder (the conv + BatchNorm + ReLU folding, observers and int8 kernels come from
+PyTorch), traces the converted encoder and scripts the whole model, so the file has the
+released interface ``m(x, render_steps, interpolate_ins)`` and runs through the same engine
+as the float file. Both architectures (Panoptic-DeepLab and BiFPN, with or without
+PointRend) are supported.
+
+The int8 kernels are CPU-only and tied to the backend the file was calibrated for (x86 /
+fbgemm on Intel and AMD, qnnpack on ARM); :mod:`panoptem.loading` falls back to the float
+file when a quantized file does not load or run here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from panoptem.errors import PanoptemError
+from panoptem.models.export import _JIT_DEPRECATION, script_model
+
+__all__ = ["quantize_model", "calibration_tensors", "save_quantized", "model_from_torchscript"]
+
+# torch >= 2.10 marks torch.ao.quantization deprecated in favour of torchao (a further
+# dependency of several hundred MB); the APIs below still work in 2.13 and are silenced here
+_QUIET = (
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"Please use quant_min and quant_max"),
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel"),
+    (UserWarning, r".*_check_is_valid_config_dict.*|.*QConfigMapping.*"),
+    (DeprecationWarning, _JIT_DEPRECATION),
+    (UserWarning, r"must run observer before calling calculate_qparams"),
+    (torch.jit.TracerWarning, r".*"),
+)
+
+
+class _quiet(warnings.catch_warnings):  # noqa: N801 - used as a context manager
+    def __enter__(self):
+        out = super().__enter__()
+        for category, message in _QUIET:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        return out
+
+
+def _backend() -> str:
+    engines = torch.backends.quantized.supported_engines
+    for name in ("x86", "fbgemm", "qnnpack"):
+        if name in engines:
+            return name
+    raise PanoptemError("This PyTorch build has no quantized CPU backend, so int8 export is impossible.")
+
+
+def calibration_tensors(images: Iterable[np.ndarray], norms: dict, size: int = 512,
+                        multiple: int = 16, limit: int = 16) -> list[torch.Tensor]:
+    """Normalised (1, 1, h, w) crops of 8-bit images for calibration.
+
+    Each image gives one central crop of at most ``size`` pixels a side, rounded down to
+    ``multiple`` (the model's padding factor); at most ``limit`` images are used.
+    """
+    out = []
+    mean, std = float(norms["mean"]), float(norms["std"])
+    for img in images:
+        if len(out) >= limit:
+            break
+        img = np.asarray(img)
+        h, w = (min(s, size) // multiple * multiple for s in img.shape[:2])
+        if h == 0 or w == 0:
+            continue
+        y0, x0 = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        crop = img[y0:y0 + h, x0:x0 + w].astype(np.float32) / 255.0
+        out.append(torch.from_numpy((crop - mean) / std)[None, None])
+    if not out:
+        raise PanoptemError(f"No calibration image is at least {multiple} pixels a side; give real training images.")
+    return out
+
+
+def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
+                   already_fused: bool = False) -> torch.jit.ScriptModule:
+    """Return a scripted copy of ``model`` whose encoder runs in int8.
+
+    Parameters
+    ----------
+    model : a panoptem model (from :func:`panoptem.models.build_model`), weights loaded.
+    calibration : normalised (1, 1, H, W) float tensors (see :func:`calibration_tensors`);
+        the full model is run on each so that the encoder sees real activations.
+    already_fused : the model's ``fuse_model()`` was already called (e.g. a model rebuilt
+        from an exported TorchScript file's weights, see :func:`model_from_torchscript`).
+    """
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if not calibration:
+        raise PanoptemError("Quantization needs at least one calibration image.")
+    backend = _backend()
+    torch.backends.quantized.engine = backend
+    work = copy.deepcopy(model).cpu().eval()
+    example = calibration[0]
+    with _quiet(), torch.no_grad():
+        if not already_fused:
+            work.fuse_model()  # folds BN where the float export does
+        prepared = prepare_fx(work.encoder, get_default_qconfig_mapping(backend), (example,))
+        work.encoder = prepared
+        for x in calibration:
+            work(x, 2, True)
+        converted = convert_fx(prepared)
+        work.encoder = torch.jit.trace(converted, example, strict=False, check_trace=False)
+        return script_model(work)
+
+
+def save_quantized(module: torch.jit.ScriptModule, path) -> None:
+    """``torch.jit.save`` without TorchScript's deprecation notice."""
+    with _quiet():
+        torch.jit.save(module, os.fspath(path))
+
+
+def model_from_torchscript(path, arch_config: dict) -> nn.Module:
+    """Rebuild the fused float model of a TorchScript file exported by panoptem.
+
+    ``arch_config`` is the MODEL section it was built from. The model is built, fused as
+    the export fuses it, and given the file's weights (names and shapes must match), so it
+    can be quantized with ``already_fused=True``.
+    """
+    from panoptem.models import build_model
+
+    model = build_model(arch_config).eval()
+    with torch.no_grad():
+        model.fuse_model()
+    with _quiet():
+        scripted = torch.jit.load(os.fspath(path), map_location="cpu")
+    try:
+        model.load_state_dict(scripted.state_dict())
+    except RuntimeError as err:
+        raise PanoptemError(f"{path} was not exported from this architecture ({err}).") from None
+    return model

@@ -1,0 +1,142 @@
+"""Training from scratch from a config, checkpoint export and int8 quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import SHARED_DATA, SMALL_ARCH
+from panoptem import registry
+from panoptem.cli import main
+from panoptem.errors import PanoptemError
+from panoptem.inference.engine import Engine2D, Params2D
+from panoptem.training.export import export_checkpoint, load_checkpoint, quantize_registered
+from panoptem.training.train import CEM_WEIGHTS_URL, train_model
+
+REPO = Path(__file__).resolve().parents[1]
+LUCCHI = SHARED_DATA / "lucchi_pp" / "train"
+CDEEP = SHARED_DATA / "cdeep3m_sbem_mito" / "train"
+pytestmark = pytest.mark.skipif(not LUCCHI.exists(), reason="needs ../shared/data")
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Two sources of real 128 x 128 crops (Lucchi++ FIB-SEM, CDeep3M SBEM) with masks."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    for i, n in enumerate((0, 40, 80)):
+        img = np.asarray(Image.open(LUCCHI / "Train_In" / f"mask{n:04d}.png"))[300:428, 400:528]
+        mask = np.asarray(Image.open(LUCCHI / "Train_Out" / f"{n}.png"))[300:428, 400:528]
+        _save(root / "lucchi" / "images" / f"l{i}.png", img)
+        _save(root / "lucchi" / "masks" / f"l{i}.png", mask)
+    img = np.asarray(Image.open(CDEEP / "images" / "images.010.png"))[:128, :128]
+    mask = np.asarray(Image.open(CDEEP / "labels" / "mitos_3D.010.png"))[:128, :128]
+    _save(root / "cdeep" / "images" / "c0.png", img)
+    _save(root / "cdeep" / "masks" / "c0.png", mask)
+    return root
+
+
+def _config(tmp_path: Path, **train) -> Path:
+    """A user config inheriting the repository's Panoptic-DeepLab template via BASE."""
+    cfg = {
+        "BASE": str(REPO / "custom_configs" / "custom_training_pdl.yaml"),
+        "model_name": "TinyMito",
+        "DATASET": {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1]},
+        "MODEL": {k: v for k, v in SMALL_ARCH.items()},
+        "TRAIN": {"encoder_pretraining": None, "iterations": 3, "patch_size": 64, "batch_size": 2,
+                  **train},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """One CLI training run (3 iterations, with validation and quantization), shared."""
+    tmp = tmp_path_factory.mktemp("train_run")
+    home = tmp / "home"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PANOPTEM_HOME", str(home))
+    rc = main(["train", "--config", str(_config(tmp)), "--train-dir", str(tiny_dataset),
+               "--eval-dir", str(tiny_dataset), "-o", str(tmp / "models"), "--quantize",
+               "--log", str(tmp / "log.jsonl"), "--quiet"])
+    yield {"rc": rc, "dir": tmp / "models", "home": home, "log": tmp / "log.jsonl"}
+    mp.undo()
+
+
+def test_cli_train_exports_registers_and_quantizes(trained, monkeypatch, capsys):
+    monkeypatch.setenv("PANOPTEM_HOME", str(trained["home"]))
+    assert trained["rc"] == 0
+    assert "TinyMito" in registry.list_models()
+    cfg = registry.get_config("TinyMito")
+    assert cfg["padding_factor"] == 16 and cfg["thing_list"] == [1]
+    assert 0 < cfg["norms"]["std"] < 1  # measured on the training images (template says null)
+    assert Path(cfg["model"]).is_file() and Path(cfg["model_quantized"]).is_file()
+    assert (trained["dir"] / "TinyMito_checkpoint.pth.tar").is_file()
+    assert '"validation"' in trained["log"].read_text()
+    image = np.asarray(Image.open(LUCCHI / "Train_In" / "mask0000.png"))[:256, :256]
+    for quantized in (False, True):
+        engine = Engine2D("TinyMito", quantized=quantized)
+        assert engine.loaded.quantized is quantized
+        labels = engine.segment(image, Params2D())
+        assert labels.shape == image.shape and labels.dtype == np.int32
+
+
+def test_checkpoint_export_matches_and_quantize_updates_config(trained, monkeypatch, tiny_dataset, tmp_path):
+    monkeypatch.setenv("PANOPTEM_HOME", str(trained["home"]))
+    ckpt = trained["dir"] / "TinyMito_checkpoint.pth.tar"
+    model, cfg = load_checkpoint(ckpt)
+    assert cfg["MODEL"]["encoder"] == SMALL_ARCH["encoder"] and cfg["DATASET"]["labels"] == [1]
+    out = export_checkpoint(ckpt, tmp_path / "again", name="TinyAgain")
+    assert out.name == "TinyAgain" and registry.get_config("TinyAgain")["model_quantized"] is None
+    x = torch.randn(1, 1, 64, 96)
+    a = torch.jit.load(str(trained["dir"] / "TinyMito.pth"))(x, 2, True)
+    b = torch.jit.load(str(out.model_path))(x, 2, True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ("sem_logits", "ctr_hmp", "offsets"))
+    q = quantize_registered("TinyAgain", tiny_dataset, checkpoint=ckpt)
+    assert registry.get_config("TinyAgain")["model_quantized"] == str(q) and q.is_file()
+    # from the exported file itself plus its architecture: the same int8 model
+    q2 = quantize_registered("TinyMito", tiny_dataset, arch_config={"MODEL": cfg["MODEL"]})
+    x = torch.randn(1, 1, 64, 64)
+    qa, qb = torch.jit.load(str(q))(x, 2, True), torch.jit.load(str(q2))(x, 2, True)
+    assert torch.allclose(qa["sem_logits"], qb["sem_logits"], atol=1e-4)
+    with pytest.raises(PanoptemError, match="built-in"):
+        quantize_registered("MitoNet_v1", tiny_dataset, checkpoint=ckpt)
+    with pytest.raises(PanoptemError, match="not both"):
+        quantize_registered("TinyAgain", tiny_dataset, checkpoint=ckpt, arch_config=cfg)
+    (tmp_path / "junk.pth.tar").write_bytes(b"not a checkpoint")
+    with pytest.raises(PanoptemError, match="not a panoptem training checkpoint"):
+        load_checkpoint(tmp_path / "junk.pth.tar")
+
+
+def test_cem_weights_need_resnet50_and_say_where_offline(tiny_dataset, tmp_path, monkeypatch):
+    with pytest.raises(PanoptemError, match="only for resnet50"):
+        train_model(_config(tmp_path, encoder_pretraining="cem"), train_dir=tiny_dataset,
+                    model_dir=tmp_path / "m")
+    monkeypatch.setenv("PANOPTEM_OFFLINE", "1")
+    cfg = yaml.safe_load(_config(tmp_path, encoder_pretraining="cem").read_text())
+    cfg["MODEL"]["encoder"] = "resnet50"
+    (tmp_path / "r50.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PanoptemError) as err:
+        train_model(tmp_path / "r50.yaml", train_dir=tiny_dataset, model_dir=tmp_path / "m")
+    assert CEM_WEIGHTS_URL in str(err.value)
+
+
+def test_train_config_errors(tiny_dataset, tmp_path):
+    with pytest.raises(PanoptemError, match="training folder"):
+        train_model(_config(tmp_path), model_dir=tmp_path / "m")
+    with pytest.raises(PanoptemError, match="multiple of 16"):
+        train_model(_config(tmp_path), train_dir=tiny_dataset, model_dir=tmp_path / "m", patch_size=72)
+    with pytest.raises(PanoptemError, match="encoder_pretraining"):
+        train_model(_config(tmp_path, encoder_pretraining="imagenet"), train_dir=tiny_dataset,
+                    model_dir=tmp_path / "m")
