@@ -129,3 +129,18 @@ def test_labels_round_trip_through_napari(make_napari_viewer, cli_store, tmp_pat
     np.testing.assert_array_equal(back, arrays["mito"])
     layers = viewer.open(str(target), layer_type="labels")
     np.testing.assert_array_equal(np.asarray(layers[0].data), arrays["mito"])
+
+
+def test_reader_opens_an_empanada_style_zarr_v2_store(tmp_path):
+    """The original writes ``<image>_<model>.zarr`` with class arrays and no attributes."""
+    path = tmp_path / "cells_MitoNet_v1.zarr"
+    g = zarr.open_group(str(path), mode="w", zarr_format=2)
+    mito = np.zeros((4, 16, 16), np.int32)
+    mito[1:3, 2:9, 4:12] = 7
+    g.create_array("mito", shape=mito.shape, dtype="int32", chunks=(2, 16, 16))[:] = mito
+    g.create_array("panoptic_yz", shape=mito.shape, dtype="int32")[:] = mito * 10
+    layers = get_reader(str(path))(str(path))
+    assert [kw["name"] for _, kw, _ in layers] == ["cells-panoptic-stack-yz",
+                                                  "cells-mito-prediction"]
+    np.testing.assert_array_equal(layers[1][0][:], mito)
+    assert "scale" not in layers[1][1]
