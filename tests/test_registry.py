@@ -29,6 +29,9 @@ pytestmark = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
 )
 
+# the built-ins: the original's four (checked against their official URLs) and panoptem's
+# bundled model (tests/test_bundled_model.py)
+BUILTINS = ["DropNet_base_v1", "MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "panoptem_mito_small"]
 OFFICIAL = {
     "MitoNet_v1": (
         "https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1",
@@ -209,7 +212,7 @@ def _files_under(folder: Path) -> list[Path]:
 # Built-in configs and lookup
 # --------------------------------------------------------------------------------------
 def test_builtins_listed_with_official_urls():
-    assert registry.list_models() == sorted(OFFICIAL)
+    assert registry.list_models() == BUILTINS
     for name, (url, qurl, cls, pf) in OFFICIAL.items():
         config = registry.get_config(name)
         assert config["model"] == url
@@ -311,7 +314,7 @@ def test_register_local_model(tmp_path, home, tiny_pth):
     assert name == "MyNet"
     written = home / "configs" / "MyNet.yaml"
     assert written.is_file()
-    assert registry.list_models() == [*sorted(OFFICIAL), "MyNet"]
+    assert registry.list_models() == [*BUILTINS, "MyNet"]
     config = registry.get_config("MyNet")
     assert config["model"] == str(tiny_pth.absolute())
     assert config["model_quantized"] is None
@@ -334,7 +337,7 @@ def test_user_config_overrides_builtin(home, tiny_pth):
     _write_yaml(home / "configs" / "Zeta.yaml", _config(model=str(tiny_pth)))
     _write_yaml(home / "configs" / "MitoNet_v1.yaml", _config(model=str(tiny_pth)))
     names = registry.list_models()
-    assert names == [*sorted(OFFICIAL), "Zeta"]
+    assert names == [*BUILTINS, "Zeta"]
     assert names.count("MitoNet_v1") == 1
     assert registry.get_config("MitoNet_v1")["model"] == str(tiny_pth)
 
@@ -625,3 +628,12 @@ def test_load_on_cuda(tmp_path, tiny_pth):
     assert registry.load_model(config, device=loaded.device).module is loaded.module
     out = loaded.module(torch.zeros(1, 1, 16, 16, device=loaded.device), 2, True)
     assert out["sem_logits"].is_cuda
+
+
+def test_relative_model_paths_are_relative_to_the_config(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "weights.pth").write_bytes(b"x")
+    cfg = tmp_path / "sub" / "rel.yaml"
+    cfg.write_text(yaml.safe_dump({**_config(), "model": "../weights.pth", "model_quantized": None}))
+    monkeypatch.chdir(tmp_path / "sub")
+    assert registry.read_config(cfg)["model"] == str((tmp_path / "weights.pth").resolve())

@@ -1,9 +1,10 @@
 """The demo: segment the bundled sample image and write the labels and a picture of them.
 
-Until panoptem ships a trained model, the demo builds a small PanopticDeepLabPR (ResNet-18
-encoder, random weights, fixed seed, see :func:`untrained_model`), exports it to TorchScript exactly as released models
-are exported and runs it through the normal registry and engine. Its labels are therefore
-not meaningful mitochondria; the run shows the whole pipeline end to end.
+The demo runs the bundled model (``panoptem_mito_small``, shipped inside the package, so no
+download) on the bundled Lucchi++ crop through the normal registry and engine.
+
+:func:`untrained_model` builds a small model with random weights whose outputs still have
+structure: a stand-in used by tests and benchmarks that need a model of a given shape.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DemoResult", "run_demo", "sample_image", "untrained_model", "write_overlay_png"]
+
+#: The bundled model the demo runs.
+DEMO_MODEL = "panoptem_mito_small"
 
 DEMO_ARCH = {
     "arch": "PanopticDeepLabPR",
@@ -99,24 +103,6 @@ def untrained_model(arch: dict, calibration_image: np.ndarray | None = None, see
     return model.eval()
 
 
-def _demo_model_config(out_dir: Path) -> dict:
-    from panoptem.models import export_torchscript
-
-    path = out_dir / "demo_untrained_PanopticDeepLabPR_resnet18.pth"
-    if not path.exists():
-        export_torchscript(untrained_model(DEMO_ARCH), path)
-    return {
-        "class_names": {1: "mito"},
-        "labels": [1],
-        "thing_list": [1],
-        "model": str(path),
-        "model_quantized": None,
-        "padding_factor": 16,
-        "norms": {"mean": 0.57571, "std": 0.12765},
-        "description": "Untrained stand-in (random weights) used by the demo.",
-    }
-
-
 def run_demo(out_dir="panoptem_demo", image=None, device="cpu", quantized: bool = False) -> DemoResult:
     """Segment the sample (or ``image``, a path) and write ``labels.tif`` and ``overlay.png``."""
     from panoptem.inference.engine import Engine2D
@@ -125,7 +111,7 @@ def run_demo(out_dir="panoptem_demo", image=None, device="cpu", quantized: bool 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     img = read_image(image) if image else sample_image()
-    engine = Engine2D(_demo_model_config(out_dir), device=device, quantized=quantized)
+    engine = Engine2D(DEMO_MODEL, device=device, quantized=quantized)
     t0 = time.perf_counter()
     labels = engine.segment(img)
     seconds = time.perf_counter() - t0
@@ -133,7 +119,7 @@ def run_demo(out_dir="panoptem_demo", image=None, device="cpu", quantized: bool 
     picture = write_overlay_png(out_dir / "overlay.png", img, labels)
     return DemoResult(str(image or "the bundled sample"), labels_path, picture,
                       int(len(np.unique(labels[labels > 0]))), seconds,
-                      "an untrained PanopticDeepLabPR stand-in")
+                      f"{DEMO_MODEL}{' (int8)' if engine.loaded.quantized else ''}")
 
 
 def write_overlay_png(path, image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> Path:

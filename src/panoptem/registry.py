@@ -209,7 +209,16 @@ def read_config(path: str | os.PathLike) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PanoptemError(f"Model config {path} does not exist: check the path.")
-    return _validate_config(_load_yaml(path), str(path))
+    config = _validate_config(_load_yaml(path), str(path))
+    # a relative local model path is relative to the config's folder (how the bundled
+    # model's files are found inside the installed package), never to the working folder
+    for key in ("model", "model_quantized"):
+        value = config.get(key)
+        if isinstance(value, str) and value and not _download.is_url(value) and "://" not in value:
+            local = Path(value).expanduser()
+            if not local.is_absolute():
+                config[key] = str((path.parent / local).resolve())
+    return config
 
 
 def get_config(name: str) -> dict:

@@ -1,0 +1,52 @@
+"""The bundled model: shipped in the package, segments real EM, int8 agrees with float."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from conftest import lucchi_image  # noqa: F401 - fixture
+from panoptem import registry
+from panoptem.demo import DEMO_MODEL, run_demo, sample_image
+from panoptem.evaluation import evaluate
+from panoptem.inference.engine import Engine2D, Params2D
+
+
+def sample_mask() -> np.ndarray:
+    with resources.as_file(resources.files("panoptem") / "data" / "lucchi_pp_sample_mask.png") as p:
+        return np.asarray(Image.open(p))
+
+
+def test_bundled_model_is_built_in_and_local():
+    assert DEMO_MODEL in registry.list_models()
+    cfg = registry.get_config(DEMO_MODEL)
+    for key in ("model", "model_quantized"):  # inside the installed package: no download
+        path = registry.fetch_file(cfg[key])
+        assert path.is_file() and path.stat().st_size < 20e6
+        assert "panoptem" in str(path.parent.parent.parent)
+
+
+def test_bundled_model_segments_the_sample():
+    metrics = evaluate(Engine2D(DEMO_MODEL).segment(sample_image(), Params2D()), sample_mask())
+    assert metrics.f1 >= 0.8 and metrics.fg_iou >= 0.8
+
+
+def test_int8_model_agrees_with_float_on_a_real_image(lucchi_image):  # noqa: F811
+    image = lucchi_image[:512, :768]
+    float_labels = Engine2D(DEMO_MODEL).segment(image, Params2D())
+    engine = Engine2D(DEMO_MODEL, quantized=True)
+    assert engine.loaded.quantized
+    int8_labels = engine.segment(image, Params2D())
+    agreement = evaluate(int8_labels, float_labels)
+    assert agreement.fg_iou >= 0.95 and agreement.f1 >= 0.9
+
+
+def test_demo_finds_the_sample_mitochondria(tmp_path):
+    result = run_demo(tmp_path / "demo")
+    labels = tifffile.imread(result.labels_path)
+    truth = evaluate(labels, sample_mask())
+    assert truth.f1 >= 0.8 and result.n_objects == len(np.unique(labels[labels > 0]))
+    assert result.model == DEMO_MODEL and "objects in" in result.summary()
