@@ -104,7 +104,7 @@ def test_fields_defaults_and_button(make_widget, registered_model):
     assert (w.min_size.min, w.min_size.max, w.min_size.step) == (0, 1_000_000, 100)
     assert (w.pixel_vote_thr.min, w.pixel_vote_thr.max) == (1, 3)
     assert (w.label_erosion.max, w.label_dilation.max, w.min_extent.max) == (50, 50, 1000)
-    heads = [x.value for x in w if x.name.endswith("_head")]
+    heads = [x.label for x in w if x.name.endswith("_head")]
     assert heads == ["<h3>2D Parameters</h3>", "<h3>Stack Parameters</h3>",
                      "<h3>Ortho-plane Parameters (Optional)</h3>", "<h3>Zarr Storage (optional)</h3>"]
 

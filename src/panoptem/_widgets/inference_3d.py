@@ -258,8 +258,7 @@ def inference_3d_widget(viewer: napari.viewer.Viewer) -> FunctionGui:
     for name, title in (("downsampling", "2D Parameters"), ("median_slices", "Stack Parameters"),
                         ("label_erosion", "Ortho-plane Parameters (Optional)"),
                         ("store_dir", "Zarr Storage (optional)")):
-        widget.insert(widget.index(getattr(widget, name)),
-                      Label(value=f"<h3>{title}</h3>", name=f"{name}_head", label="",
-                            gui_only=True))
+        head = Label(name=f"{name}_head", label=f"<h3>{title}</h3>", gui_only=True)
+        widget.insert(widget.index(getattr(widget, name)), head)
     _common.install_model_refresh(widget.model_config)
     return widget
