@@ -17,6 +17,7 @@ No napari import here: the reader returns layer-data tuples.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,16 @@ __all__ = ["get_reader", "read_zarr_output"]
 _STACK_PREFIX = "panoptic_"
 
 
-def _open_group(path):
+def _open_group(path, writable: bool = False):
+    """The zarr group at ``path`` (read-write when asked and allowed), or None."""
     import zarr
 
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception:  # not a zarr group (an array, or not zarr at all)
-        return None
+    for mode in ("r+", "r") if writable else ("r",):
+        try:
+            return zarr.open_group(str(path), mode=mode)
+        except Exception:  # not a zarr group (an array, not zarr at all), or read-only
+            continue
+    return None
 
 
 def _result_arrays(group) -> dict | None:
@@ -78,10 +82,11 @@ def read_zarr_output(path) -> list[tuple]:
     """One ``(zarr array, kwargs, "labels")`` tuple per result array of the store at ``path``.
 
     Class layers come after the panoptic stacks, in name order, so the last (visible) one
-    is a class; arrays stay on disk (napari reads the slices it shows).
+    is a class. Arrays stay on disk (napari reads the slices it shows) and are opened
+    writable where the folder allows it, so proofreading edits are saved in the store.
     """
     path = Path(path)
-    group = _open_group(path)
+    group = _open_group(path, writable=os.access(path, os.W_OK))
     arrays = _result_arrays(group)
     if arrays is None:
         from panoptem.errors import PanoptemError

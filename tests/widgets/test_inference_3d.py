@@ -172,7 +172,8 @@ def test_ortho_plane_to_zarr_then_reopened(make_widget, wait_job, registered_mod
     assert sorted(on_disk.array_keys()) == ["mito", "panoptic_xy", "panoptic_xz", "panoptic_yz"]
     assert on_disk["mito"].chunks == (4, 32, 32) and on_disk["mito"].dtype == np.int32
     mito = viewer.layers["vol-mito-prediction"]
-    assert isinstance(mito.data, zarr.Array)  # shown lazily from the store
+    assert isinstance(mito.data, zarr.Array)  # shown lazily from the store, editable
+    assert not mito.data.read_only
     np.testing.assert_array_equal(mito.data[:], ref.classes["mito"])
     assert ref.classes["mito"].any()
     for ax in ("xy", "xz", "yz"):

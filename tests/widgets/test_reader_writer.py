@@ -50,7 +50,12 @@ def test_reader_in_napari(make_napari_viewer, cli_store):
     viewer.open(str(path), plugin="panoptem")
     assert [lay.name for lay in viewer.layers] == ["crop-panoptic-stack-xy", "crop-mito-prediction"]
     assert all(type(lay).__name__ == "Labels" for lay in viewer.layers)
-    np.testing.assert_array_equal(np.asarray(viewer.layers[-1].data), arrays["mito"])
+    mito = viewer.layers[-1]
+    np.testing.assert_array_equal(np.asarray(mito.data), arrays["mito"])
+    # painting (as proofreading does) writes into the store
+    mito.brush_size = 1
+    mito.paint((2, 5, 6), 77)
+    assert zarr.open_array(str(path / "mito"), mode="r")[2, 5, 6] == 77
 
 
 def test_reader_declines_what_it_cannot_read(tmp_path):

@@ -8,7 +8,8 @@ maps them onto :class:`~panoptem.inference.engine.Params2D` and
 The results become Labels layers named as the original's, ``<image>-<class>-prediction``
 and ``<image>-panoptic-stack-<axis>``, with the image's scale and translate. With a zarr
 directory the arrays are written to ``<directory>/<image>_<model>.zarr`` and the layers
-show them lazily from disk; :mod:`panoptem._reader` reopens that store later.
+show them lazily from disk (edits, e.g. proofreading, are written back to the store);
+:mod:`panoptem._reader` reopens that store later.
 """
 
 from __future__ import annotations
@@ -88,15 +89,19 @@ def _max_objects(text) -> int:
         ) from None
 
 
-def _tag_store(path: Path, target: _Target, model: str) -> None:
-    """Record the image name, model, scale and translate in the zarr group for the reader."""
+def _finish_store(path: Path, target: _Target, model: str, result) -> None:
+    """Record the image name, model, scale and translate in the zarr group for the reader,
+    and reopen the result arrays writable so that proofreading edits go to the store."""
     import zarr
 
-    zarr.open_group(str(path), mode="a").attrs[ZARR_ATTR] = {
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs[ZARR_ATTR] = {
         "image": target.name, "model": model,
         "scale": [float(s) for s in target.scale],
         "translate": [float(t) for t in target.translate],
     }
+    result.classes = {c: group[c] for c in result.classes}
+    result.stacks = {ax: group[f"panoptic_{ax}"] for ax in result.stacks}
 
 
 def _add_layers(viewer, image_layer, target: _Target, result) -> list:
@@ -150,7 +155,7 @@ def run_3d_inference(viewer, image_layer: Image, model: str, *, use_gpu: bool = 
                                        progress=progress))
             result = engine.segment(target.volume, p2, p3, zarr_path=zarr_path, progress=progress)
         if zarr_path is not None:
-            _tag_store(zarr_path, target, model)
+            _finish_store(zarr_path, target, model, result)
         return result
 
     def done(result):
