@@ -198,8 +198,10 @@ def test_cancel_stops_a_running_job(make_widget, wait_job, notifications, em_vol
     image = viewer.add_image(np.ascontiguousarray(em_volume[:, :128, :128]), name="big")
     job = start(w, image_layer=image, store_dir=str(tmp_path), **FAST)
     assert job is not None and job.worker is not None
-    qtbot.waitUntil(lambda: job.progress.stage_name.startswith("stack")
-                    and job.progress.done >= 2, timeout=SLOW_MS)
+    # a determinate napari progress bar counts the slices of the first stack
+    qtbot.waitUntil(lambda: job.bar is not None and job.bar.total == 64 and job.bar.n >= 2,
+                    timeout=SLOW_MS)
+    assert job.bar.desc.startswith("3D Inference: stack xy")
     job.cancel()
     wait_job(job, timeout=SLOW_MS)
     assert type(job.error).__name__ == "Cancelled"
