@@ -181,8 +181,8 @@ def export_model(
     target = _archive_target(name, out_path)
     if target.exists() and not overwrite:
         raise PanoptemError(
-            f"{target} already exists: choose another folder, delete or rename that file, "
-            "or export with overwrite."
+            f"{target} already exists and is kept: choose another folder, or delete or "
+            "rename that file first (from Python, overwrite=True replaces it)."
         )
 
     model_file = registry.fetch_file(config["model"], config.get("model_hash"), progress)
