@@ -19,7 +19,6 @@ from pathlib import Path
 
 import napari
 from magicgui import magicgui
-from magicgui.widgets import TextEdit
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from panoptem import model_archive, registry
@@ -162,7 +161,7 @@ def model_info_widget(napari_viewer: napari.viewer.Viewer):
     the model changes); the button also prints it to the terminal, as its text says.
     """
 
-    def get_model_info(model_name: str, model_info=None):
+    def get_model_info(model_name: str, model_info: str = ""):
         text = _show(model_name)
         if text is not None:
             print(f"\n{text}\n", flush=True)
@@ -186,11 +185,12 @@ def model_info_widget(napari_viewer: napari.viewer.Viewer):
         call_button="Print info to terminal",
         layout="vertical",
         model_name=_model_combo("Model whose description, padding and classes are shown"),
+        model_info=dict(widget_type="TextEdit", value="", label="Model info",
+                        tooltip="Information about the chosen model (read only)"),
     )
-    info = TextEdit(value="", label="Model info", name="model_info")
+    info = widget.model_info  # shown here; its text is not an input of the call
     info.native.setReadOnly(True)
     info.native.setMinimumHeight(180)
-    widget.append(info)
     common.install_model_refresh(widget.model_name)
     widget.model_name.changed.connect(lambda name: _show(name, quiet=True))
     _show(widget.model_name.value, quiet=True)
