@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import model_config
 from panoptem import model_archive, registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
@@ -38,6 +37,15 @@ FINETUNE = {
                       "nms_threshold": 0.1, "stuff_area": 64, "thing_list": [1],
                       "void_label": 0},
 }
+
+
+def model_config(model_path, **extra) -> dict:
+    """A registry config for ``model_path`` (as tests/conftest.py's, importable anywhere)."""
+    cfg = {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1],
+           "model": str(model_path), "model_quantized": None, "padding_factor": 16,
+           "norms": {"mean": 0.57571, "std": 0.12765}, "description": "small test model"}
+    cfg.update(extra)
+    return cfg
 
 
 class Tiny(torch.nn.Module):
