@@ -7,18 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from panoptem.demo import DEMO_ARCH
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-# the demo's architecture (PanopticDeepLabPR, ResNet-18), made smaller still for fast tests
-SMALL_ARCH = {
-    **DEMO_ARCH,
-    "decoder_channels": 32,
-    "low_level_channels_project": [16],
-    "train_num_points": 256,
-    "subdivision_num_points": 2048,
-}
+from testutils import SHARED_DATA, SMALL_ARCH, model_config, read_png
 
 
 @pytest.fixture(autouse=True)
@@ -46,30 +35,9 @@ def small_model_file(tmp_path_factory) -> Path:
     return path
 
 
-def model_config(model_path, **extra) -> dict:
-    cfg = {
-        "class_names": {1: "mito"},
-        "labels": [1],
-        "thing_list": [1],
-        "model": str(model_path),
-        "model_quantized": None,
-        "padding_factor": 16,
-        "norms": {"mean": 0.57571, "std": 0.12765},
-        "description": "small test model",
-    }
-    cfg.update(extra)
-    return cfg
-
-
 @pytest.fixture
 def small_config(small_model_file) -> dict:
     return model_config(small_model_file)
-
-
-def read_png(path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from conftest import lucchi_image  # noqa: F401 - fixture
 from panoptem import registry
 from panoptem.demo import DEMO_MODEL, run_demo, sample_image
 from panoptem.evaluation import evaluate

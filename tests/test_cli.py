@@ -8,8 +8,8 @@ import tifffile
 import yaml
 from PIL import Image
 
-from conftest import model_config
 from panoptem.cli import main
+from testutils import model_config
 
 
 @pytest.fixture
@@ -24,7 +24,9 @@ def test_models_list_and_info(capsys, registered):
     capsys.readouterr()
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
-    assert names[:4] == sorted(["MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "DropNet_base_v1"])
+    assert names[:4] == sorted(
+        ["MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "DropNet_base_v1"]
+    )
     assert "CliSmall" in names
     assert main(["models", "info", "MitoNet_v1"]) == 0
     out = capsys.readouterr().out
@@ -35,8 +37,21 @@ def test_segment_png_to_tif(tmp_path, registered, lucchi_image, capsys):
     src = tmp_path / "img.png"
     Image.fromarray(lucchi_image[:256, :256]).save(src)
     out = tmp_path / "out" / "labels.tif"
-    rc = main(["segment", str(src), "-o", str(out), "--model", registered, "--quiet",
-               "--confidence-thr", "0.3", "--tile-size", "128"])
+    rc = main(
+        [
+            "segment",
+            str(src),
+            "-o",
+            str(out),
+            "--model",
+            registered,
+            "--quiet",
+            "--confidence-thr",
+            "0.3",
+            "--tile-size",
+            "128",
+        ]
+    )
     assert rc == 0
     labels = tifffile.imread(out)
     assert labels.shape == (256, 256) and labels.dtype in (np.uint8, np.uint16, np.int32)
@@ -47,21 +62,45 @@ def test_segment_stack_and_folder(tmp_path, registered, lucchi_image):
     stack = np.stack([lucchi_image[:128, :128], lucchi_image[128:256, :128]])
     np.save(tmp_path / "stack.npy", stack)
     out = tmp_path / "stack.tif"
-    assert main(["segment", str(tmp_path / "stack.npy"), "-o", str(out), "--model", registered, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "stack.npy"),
+                "-o",
+                str(out),
+                "--model",
+                registered,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(out).shape == (2, 128, 128)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(2):
         tifffile.imwrite(folder / f"s{i}.tif", stack[i])
     (folder / "notes.txt").write_text("not an image")
-    assert main(["segment", str(folder), "-o", str(tmp_path / "res"), "--model", registered, "--quiet"]) == 0
-    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["s0_labels.tif", "s1_labels.tif"]
+    assert (
+        main(
+            ["segment", str(folder), "-o", str(tmp_path / "res"), "--model", registered, "--quiet"]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "s0_labels.tif",
+        "s1_labels.tif",
+    ]
 
 
-@pytest.mark.parametrize("argv_tail,match", [
-    (["--model", "NoSuchModel"], "NoSuchModel"),
-    (["--max-objects", "1"], "Max objects"),
-])
+@pytest.mark.parametrize(
+    "argv_tail,match",
+    [
+        (["--model", "NoSuchModel"], "NoSuchModel"),
+        (["--max-objects", "1"], "Max objects"),
+    ],
+)
 def test_segment_errors_are_one_line(tmp_path, capsys, lucchi_image, argv_tail, match):
     src = tmp_path / "img.tif"
     tifffile.imwrite(src, lucchi_image[:64, :64])
@@ -76,7 +115,19 @@ def test_segment_rgb_and_missing_file(tmp_path, capsys, registered):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(rgb)
     assert main(["segment", str(rgb), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
     assert "RGB" in capsys.readouterr().err
-    assert main(["segment", str(tmp_path / "nope.tif"), "-o", str(tmp_path / "o.tif"), "--model", registered]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "nope.tif"),
+                "-o",
+                str(tmp_path / "o.tif"),
+                "--model",
+                registered,
+            ]
+        )
+        == 2
+    )
     assert "No such file" in capsys.readouterr().err
 
 
@@ -91,7 +142,7 @@ def test_demo_writes_labels_and_picture(tmp_path, capsys):
 
 @pytest.fixture
 def em_volume_tif(tmp_path):
-    from conftest import SHARED_DATA
+    from testutils import SHARED_DATA
 
     path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
     if not path.exists():
@@ -104,13 +155,44 @@ def em_volume_tif(tmp_path):
 
 def test_segment3d_tif_and_zarr(tmp_path, registered, em_volume_tif, capsys):
     out = tmp_path / "seg.tif"
-    assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered, "--quiet",
-                 "--min-size", "20", "--return-stacks"]) == 0
+    assert (
+        main(
+            [
+                "segment3d",
+                str(em_volume_tif),
+                "-o",
+                str(out),
+                "--model",
+                registered,
+                "--quiet",
+                "--min-size",
+                "20",
+                "--return-stacks",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(tmp_path / "seg_mito.tif").shape == (6, 64, 80)
     assert tifffile.imread(tmp_path / "seg_panoptic_xy.tif").shape == (6, 64, 80)
     zout = tmp_path / "seg.zarr"
-    assert main(["segment3d", str(em_volume_tif), "-o", str(zout), "--model", registered, "--quiet",
-                 "--min-size", "20", "--chunk-size", "2,32,32"]) == 0
+    assert (
+        main(
+            [
+                "segment3d",
+                str(em_volume_tif),
+                "-o",
+                str(zout),
+                "--model",
+                registered,
+                "--quiet",
+                "--min-size",
+                "20",
+                "--chunk-size",
+                "2,32,32",
+            ]
+        )
+        == 0
+    )
     import zarr
 
     arr = zarr.open_array(str(zout / "mito"), mode="r")
@@ -119,10 +201,13 @@ def test_segment3d_tif_and_zarr(tmp_path, registered, em_volume_tif, capsys):
     assert "done in" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--chunk-size", "a,b"], "Chunk size"),
-    (["--vote-thr", "5"], "Voxel Vote Thr"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--chunk-size", "a,b"], "Chunk size"),
+        (["--vote-thr", "5"], "Voxel Vote Thr"),
+    ],
+)
 def test_segment3d_bad_options(tmp_path, em_volume_tif, capsys, extra, match):
     rc = main(["segment3d", str(em_volume_tif), "-o", str(tmp_path / "o.zarr"), *extra])
     assert rc == 2 and match in capsys.readouterr().err

@@ -140,15 +140,17 @@ def test_original_reference_scenario():
         return vol
 
     views = [xy, xz, yz]
-    np.testing.assert_array_equal(ortho_plane_consensus(views),
-                                  labels((1, a, ball), (2, b, cut)))
-    np.testing.assert_array_equal(ortho_plane_consensus(views, cluster_iou_thr=0.5),
-                                  labels((1, a, ball), (1, b, cut)))
-    np.testing.assert_array_equal(ortho_plane_consensus(views, vote_thr=1),
-                                  labels((1, a, ball), (1, b, ball)))
+    np.testing.assert_array_equal(ortho_plane_consensus(views), labels((1, a, ball), (2, b, cut)))
+    np.testing.assert_array_equal(
+        ortho_plane_consensus(views, cluster_iou_thr=0.5), labels((1, a, ball), (1, b, cut))
+    )
+    np.testing.assert_array_equal(
+        ortho_plane_consensus(views, vote_thr=1), labels((1, a, ball), (1, b, ball))
+    )
     np.testing.assert_array_equal(
         ortho_plane_consensus(views, vote_thr=1, permit_one_stack=True),
-        labels((1, a, ball), (1, b, ball), (2, c, ball)))
+        labels((1, a, ball), (1, b, ball), (2, c, ball)),
+    )
 
 
 # -- the second-order link the original lost -----------------------------------------------
@@ -161,6 +163,7 @@ def test_absorbing_cluster_inherits_the_links_of_what_it_absorbs():
     inherits B's link to C and absorbs C too: the B-C overlap gets two votes and is part
     of the object. The original dropped that link, left C alone (one member, discarded)
     and lost the B-C overlap."""
+
     def box(x0, x1):
         m = np.zeros(SHAPE, dtype=bool)
         m[10:20, 10:20, x0:x1] = True
@@ -207,17 +210,20 @@ def test_zarr_views_and_zarr_out_match_numpy(tmp_path):
     want = ortho_plane_consensus(views, vote_thr=2)
     zviews = []
     for k, v in enumerate(views):
-        z = zarr.create_array(store=str(tmp_path / f"v{k}.zarr"), shape=v.shape,
-                              chunks=(16, 16, 16), dtype=v.dtype)
+        z = zarr.create_array(
+            store=str(tmp_path / f"v{k}.zarr"), shape=v.shape, chunks=(16, 16, 16), dtype=v.dtype
+        )
         z[:] = v
         zviews.append(z)
-    out = zarr.create_array(store=str(tmp_path / "out.zarr"), shape=SHAPE, chunks=(20, 20, 20),
-                            dtype="int32")
+    out = zarr.create_array(
+        store=str(tmp_path / "out.zarr"), shape=SHAPE, chunks=(20, 20, 20), dtype="int32"
+    )
     got = ortho_plane_consensus(zviews, vote_thr=2, out=out, chunk_depth=10)
     assert got is out
     np.testing.assert_array_equal(out[:], want)
-    sem = zarr.create_array(store=str(tmp_path / "sem.zarr"), shape=SHAPE, chunks=(16, 16, 16),
-                            dtype="uint8")
+    sem = zarr.create_array(
+        store=str(tmp_path / "sem.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="uint8"
+    )
     semantic_consensus(zviews, vote_thr=2, out=sem, chunk_depth=7)
     np.testing.assert_array_equal(sem[:], semantic_consensus(views, vote_thr=2))
 
@@ -225,8 +231,9 @@ def test_zarr_views_and_zarr_out_match_numpy(tmp_path):
 @pytest.mark.parametrize("chunk_depth", [1, 5, 100])
 def test_slab_depth_does_not_change_the_result(chunk_depth):
     views = views_of(((0, 1, 2), (0, 2), (0, 1, 2)))
-    np.testing.assert_array_equal(ortho_plane_consensus(views, chunk_depth=chunk_depth),
-                                  ortho_plane_consensus(views))
+    np.testing.assert_array_equal(
+        ortho_plane_consensus(views, chunk_depth=chunk_depth), ortho_plane_consensus(views)
+    )
 
 
 def test_large_and_negative_label_values_work():
@@ -259,8 +266,9 @@ def test_progress_has_one_step_per_slab_and_cancel_stops():
 @pytest.mark.parametrize("thr", [1, 2, 3])
 def test_semantic_vote_is_union_majority_intersection(thr):
     ms = [sphere((24, 24, 24), 12, shift=s) for s in [(0, 0, 0), (3, 0, 0), (0, 0, 4)]]
-    result = semantic_consensus([m.astype(np.uint8) * (k + 1) for k, m in enumerate(ms)],
-                                vote_thr=thr, chunk_depth=9)
+    result = semantic_consensus(
+        [m.astype(np.uint8) * (k + 1) for k, m in enumerate(ms)], vote_thr=thr, chunk_depth=9
+    )
     assert result.dtype == np.uint8
     want = {1: ms[0] | ms[1] | ms[2], 2: vote(ms, 2), 3: ms[0] & ms[1] & ms[2]}[thr]
     np.testing.assert_array_equal(result, want.astype(np.uint8))

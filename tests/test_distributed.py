@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SHARED_DATA, model_config
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference.distributed import segment_volume_distributed
 from panoptem.inference.engine import Params2D
 from panoptem.inference.volume import Engine3D, Params3D
 from panoptem.progress import CallbackProgress, Progress
+from testutils import SHARED_DATA, model_config
 
 P2 = Params2D(confidence_thr=0.5)
 CPUS = ["cpu", "cpu"]
@@ -39,8 +39,15 @@ def test_two_processes_equal_one_process(small_config, em_volume, engine3d):
     p3 = Params3D(min_size=20, min_extent=2, return_stacks=True)
     ref = engine3d.segment(em_volume, P2, p3)
     stages = []
-    out = segment_volume_distributed(small_config, em_volume, P2, p3, devices=CPUS, threads=1,
-                                     progress=CallbackProgress(lambda s, d, t: stages.append((s, d, t))))
+    out = segment_volume_distributed(
+        small_config,
+        em_volume,
+        P2,
+        p3,
+        devices=CPUS,
+        threads=1,
+        progress=CallbackProgress(lambda s, d, t: stages.append((s, d, t))),
+    )
     assert set(out.classes) == {"mito"} and set(out.stacks) == {"xy"}
     assert isinstance(out.classes["mito"], np.ndarray) and ref.classes["mito"].any()
     np.testing.assert_array_equal(out.classes["mito"], ref.classes["mito"])
@@ -50,13 +57,15 @@ def test_two_processes_equal_one_process(small_config, em_volume, engine3d):
 
 def test_odd_slices_zarr_in_and_out(small_config, em_volume, engine3d, tmp_path):
     vol = em_volume[:7]  # 7 slices on 2 ranks: rank 1's last step repeats a slice
-    src = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(1, 64, 80),
-                            dtype="uint8")
+    src = zarr.create_array(
+        store=str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(1, 64, 80), dtype="uint8"
+    )
     src[:] = vol
     p3 = Params3D(min_size=20, min_extent=2, return_stacks=True, chunk_size="4, 32, 40")
     ref = engine3d.segment(vol, P2, p3)
-    out = segment_volume_distributed(small_config, src, P2, p3, devices=CPUS, threads=1,
-                                     zarr_path=tmp_path / "out.zarr")
+    out = segment_volume_distributed(
+        small_config, src, P2, p3, devices=CPUS, threads=1, zarr_path=tmp_path / "out.zarr"
+    )
     assert out.zarr_path == str(tmp_path / "out.zarr")
     assert out.classes["mito"].read_only and out.classes["mito"].chunks == (4, 32, 40)
     np.testing.assert_array_equal(out.classes["mito"][:], ref.classes["mito"])
@@ -72,8 +81,16 @@ def test_cancel_from_parent_leaves_no_complete_array(small_config, em_volume, tm
 
     path = tmp_path / "cancelled.zarr"
     with pytest.raises(Cancelled):
-        segment_volume_distributed(small_config, em_volume, P2, Params3D(min_size=20), devices=CPUS,
-                                   threads=1, zarr_path=path, progress=CancelAtStart())
+        segment_volume_distributed(
+            small_config,
+            em_volume,
+            P2,
+            Params3D(min_size=20),
+            devices=CPUS,
+            threads=1,
+            zarr_path=path,
+            progress=CancelAtStart(),
+        )
     assert not [p.name for p in path.iterdir() if p.is_dir()]
     assert not multiprocessing.active_children()
 
@@ -82,16 +99,20 @@ def test_error_in_the_ranks_reaches_the_parent(small_config, em_volume, tmp_path
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a TorchScript file")
     with pytest.raises(PanoptemError, match="not a loadable TorchScript model"):
-        segment_volume_distributed(dict(small_config, model=str(broken)), em_volume, P2,
-                                   devices=CPUS, threads=1)
+        segment_volume_distributed(
+            dict(small_config, model=str(broken)), em_volume, P2, devices=CPUS, threads=1
+        )
     assert not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("devices,match", [
-    (["cpu"], "at least two devices"),
-    ("cpu", "at least two devices"),
-    (["cpu", "gpu7"], "Unknown device"),
-])
+@pytest.mark.parametrize(
+    "devices,match",
+    [
+        (["cpu"], "at least two devices"),
+        ("cpu", "at least two devices"),
+        (["cpu", "gpu7"], "Unknown device"),
+    ],
+)
 def test_bad_devices(small_config, em_volume, devices, match):
     with pytest.raises(PanoptemError, match=match):
         segment_volume_distributed(small_config, em_volume, devices=devices)

@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import model_config
 from panoptem import registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.progress import CallbackProgress, Progress
+from testutils import model_config
 
 
 @pytest.fixture
@@ -54,7 +54,9 @@ def http_server(small_model_file, tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -119,8 +121,10 @@ def test_tiled_run_on_real_image(engine, lucchi_image):
     out = engine.segment(img, tile_size=256, confidence_thr=0.3)
     assert out.shape == img.shape and out.dtype == np.int32
     # a tile larger than the image is the untiled result
-    np.testing.assert_array_equal(engine.segment(img, tile_size=1280, confidence_thr=0.3),
-                                  engine.segment(img, confidence_thr=0.3))
+    np.testing.assert_array_equal(
+        engine.segment(img, tile_size=1280, confidence_thr=0.3),
+        engine.segment(img, confidence_thr=0.3),
+    )
 
 
 def test_roi_mask_confines_labels(engine, crop):
@@ -146,7 +150,9 @@ def test_fill_holes_never_removes_labels(engine, crop):
 def test_batch_equals_single_images_and_reports_progress(engine, crop):
     stack = np.stack([crop, crop[::-1].copy(), np.fliplr(crop).copy()])
     seen = []
-    out = engine.segment_batch(stack, progress=CallbackProgress(lambda s, d, t: seen.append((s, d, t))))
+    out = engine.segment_batch(
+        stack, progress=CallbackProgress(lambda s, d, t: seen.append((s, d, t)))
+    )
     assert out.shape == stack.shape
     for i in range(3):
         np.testing.assert_array_equal(out[i], engine.segment(stack[i]))
@@ -162,12 +168,15 @@ def test_cancel_stops_between_tiles(engine, lucchi_image):
         engine.segment(lucchi_image, tile_size=256, progress=CancelAfterOne())
 
 
-@pytest.mark.parametrize("image,match", [
-    (np.zeros((64, 64, 3), np.uint8), "RGB"),
-    (np.zeros((2, 3, 64, 64), np.uint8), "2-D"),
-    (np.zeros((0, 64), np.uint8), "empty"),
-    (np.zeros((64, 64), bool), "dtype"),
-])
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (np.zeros((64, 64, 3), np.uint8), "RGB"),
+        (np.zeros((2, 3, 64, 64), np.uint8), "2-D"),
+        (np.zeros((0, 64), np.uint8), "empty"),
+        (np.zeros((64, 64), bool), "dtype"),
+    ],
+)
 def test_bad_images_are_clear_errors(engine, image, match):
     with pytest.raises(PanoptemError, match=match):
         engine.segment(image)
@@ -182,13 +191,16 @@ def test_constant_image_is_not_an_error(engine):
     assert engine.segment(np.full((40, 40), 7, np.uint16)).shape == (40, 40)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("downsampling", 3, "Downsampling"),
-    ("confidence_thr", 1.5, "confidence_thr"),
-    ("min_distance", 0, "Min Distance"),
-    ("max_objects", 1, "Max objects"),
-    ("tile_size", -5, "Tile size"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("downsampling", 3, "Downsampling"),
+        ("confidence_thr", 1.5, "confidence_thr"),
+        ("min_distance", 0, "Min Distance"),
+        ("max_objects", 1, "Max objects"),
+        ("tile_size", -5, "Tile size"),
+    ],
+)
 def test_bad_parameters_are_clear_errors(field, value, match):
     with pytest.raises(PanoptemError, match=match):
         Params2D(**{field: value}).validated()

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import SHARED_DATA, model_config
 from panoptem import registry
 from panoptem.inference.engine import Engine2D
 from panoptem.training.finetune import finetune_model
+from testutils import SHARED_DATA, model_config
 
 
 @pytest.fixture
@@ -29,12 +29,24 @@ def sbem_dataset(tmp_path):
 
 def test_finetune_registers_a_working_model(small_model_file, sbem_dataset, tmp_path, lucchi_image):
     cfg = tmp_path / "base.yaml"
-    yaml.safe_dump(dict(model_config(small_model_file), FINETUNE=registry.get_config("MitoNet_v1")["FINETUNE"]),
-                   cfg.open("w"))
+    yaml.safe_dump(
+        dict(
+            model_config(small_model_file), FINETUNE=registry.get_config("MitoNet_v1")["FINETUNE"]
+        ),
+        cfg.open("w"),
+    )
     base = registry.register_model("BaseSmall", cfg)
     before = {k: v.clone() for k, v in registry.load_model(base).module.state_dict().items()}
-    out = finetune_model(base, sbem_dataset, tmp_path / "models", name="Tuned", iterations=3,
-                         patch_size=64, batch_size=2, finetune_layer="stage4")
+    out = finetune_model(
+        base,
+        sbem_dataset,
+        tmp_path / "models",
+        name="Tuned",
+        iterations=3,
+        patch_size=64,
+        batch_size=2,
+        finetune_layer="stage4",
+    )
     assert out.name == "Tuned" and "Tuned" in registry.list_models()
     after = registry.load_model("Tuned").module.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -49,9 +61,38 @@ def test_finetune_command(small_model_file, sbem_dataset, tmp_path, capsys):
     cfg = tmp_path / "base.yaml"
     yaml.safe_dump(model_config(small_model_file), cfg.open("w"))
     registry.register_model("CliBase", cfg)
-    rc = main(["finetune", str(sbem_dataset), "--model", "CliBase", "--name", "CliTuned", "--model-dir",
-               str(tmp_path / "m"), "--iterations", "2", "--patch-size", "64", "--batch-size", "2", "--quiet"])
+    rc = main(
+        [
+            "finetune",
+            str(sbem_dataset),
+            "--model",
+            "CliBase",
+            "--name",
+            "CliTuned",
+            "--model-dir",
+            str(tmp_path / "m"),
+            "--iterations",
+            "2",
+            "--patch-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
     assert rc == 0 and "CliTuned" in registry.list_models()
-    assert main(["finetune", str(tmp_path / "nothing"), "--model", "CliBase", "--model-dir",
-                 str(tmp_path / "m"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                str(tmp_path / "nothing"),
+                "--model",
+                "CliBase",
+                "--model-dir",
+                str(tmp_path / "m"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "panoptem: error:" in capsys.readouterr().err

@@ -8,11 +8,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE_MODULES = [
-    "panoptem", "panoptem.registry", "panoptem.models", "panoptem.inference.engine",
-    "panoptem.inference.postprocess", "panoptem.inference.tiling", "panoptem.cli",
-    "panoptem.io", "panoptem.demo", "panoptem.progress", "panoptem.evaluation",
-    "panoptem.inference.volume", "panoptem.inference.consensus", "panoptem.inference.distributed",
-    "panoptem.training.datasets", "panoptem.training.loop", "panoptem.training.export",
+    "panoptem",
+    "panoptem.registry",
+    "panoptem.models",
+    "panoptem.inference.engine",
+    "panoptem.inference.postprocess",
+    "panoptem.inference.tiling",
+    "panoptem.cli",
+    "panoptem.io",
+    "panoptem.demo",
+    "panoptem.progress",
+    "panoptem.evaluation",
+    "panoptem.inference.volume",
+    "panoptem.inference.consensus",
+    "panoptem.inference.distributed",
+    "panoptem.training.datasets",
+    "panoptem.training.loop",
+    "panoptem.training.export",
 ]
 
 

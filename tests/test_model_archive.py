@@ -28,22 +28,40 @@ pytestmark = pytest.mark.filterwarnings(
 
 FINETUNE = {
     "criterion": "PanopticLoss",
-    "criterion_params": {"ce_weight": 1, "l1_weight": 0.01, "mse_weight": 200, "pr_weight": 1,
-                         "top_k_percent": 0.2},
+    "criterion_params": {
+        "ce_weight": 1,
+        "l1_weight": 0.01,
+        "mse_weight": 200,
+        "pr_weight": 1,
+        "top_k_percent": 0.2,
+    },
     "dataset_class": "SingleClassInstanceDataset",
     "dataset_params": {"weight_gamma": 0.7},
     "engine": "PanopticDeepLabEngine",
-    "engine_params": {"confidence_thr": 0.5, "label_divisor": 1000, "nms_kernel": 7,
-                      "nms_threshold": 0.1, "stuff_area": 64, "thing_list": [1],
-                      "void_label": 0},
+    "engine_params": {
+        "confidence_thr": 0.5,
+        "label_divisor": 1000,
+        "nms_kernel": 7,
+        "nms_threshold": 0.1,
+        "stuff_area": 64,
+        "thing_list": [1],
+        "void_label": 0,
+    },
 }
 
 
 def model_config(model_path, **extra) -> dict:
     """A registry config for ``model_path`` (as tests/conftest.py's, importable anywhere)."""
-    cfg = {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1],
-           "model": str(model_path), "model_quantized": None, "padding_factor": 16,
-           "norms": {"mean": 0.57571, "std": 0.12765}, "description": "small test model"}
+    cfg = {
+        "class_names": {1: "mito"},
+        "labels": [1],
+        "thing_list": [1],
+        "model": str(model_path),
+        "model_quantized": None,
+        "padding_factor": 16,
+        "norms": {"mean": 0.57571, "std": 0.12765},
+        "description": "small test model",
+    }
     cfg.update(extra)
     return cfg
 
@@ -79,10 +97,12 @@ def _write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
-def _register(tmp_path: Path, name: str, model: Path, quantized: Path | None = None,
-              **extra) -> str:
-    cfg = model_config(model, model_quantized=str(quantized) if quantized else None,
-                       FINETUNE=FINETUNE, **extra)
+def _register(
+    tmp_path: Path, name: str, model: Path, quantized: Path | None = None, **extra
+) -> str:
+    cfg = model_config(
+        model, model_quantized=str(quantized) if quantized else None, FINETUNE=FINETUNE, **extra
+    )
     return registry.register_model(name, _write_yaml(tmp_path / f"cfg_{name}.yaml", cfg))
 
 
@@ -118,8 +138,7 @@ class _Server:
             ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
         )
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -130,8 +149,7 @@ class _Server:
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                "all_proxy"):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     root = tmp_path / "served"
@@ -145,10 +163,10 @@ def server(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 # Export and import
 # --------------------------------------------------------------------------------------
-def test_round_trip_keeps_files_and_config(tmp_path, panoptem_home, small_model_file,
-                                           tiny_file):
-    name = _register(tmp_path, "Mine", small_model_file, tiny_file,
-                     model_hash=_sha256(small_model_file))
+def test_round_trip_keeps_files_and_config(tmp_path, panoptem_home, small_model_file, tiny_file):
+    name = _register(
+        tmp_path, "Mine", small_model_file, tiny_file, model_hash=_sha256(small_model_file)
+    )
     events = []
     archive = model_archive.export_model(
         name, tmp_path / "out", progress=CallbackProgress(lambda *e: events.append(e))
@@ -241,8 +259,9 @@ def test_cancelled_export_leaves_nothing(tmp_path, small_model_file):
     assert _files_under(tmp_path / "out") == []
 
 
-def test_export_url_model_reuses_download_cache(tmp_path, panoptem_home, server,
-                                                small_model_file, tiny_file):
+def test_export_url_model_reuses_download_cache(
+    tmp_path, panoptem_home, server, small_model_file, tiny_file
+):
     _copy(small_model_file, server.root / "remote.pth")
     _copy(tiny_file, server.root / "remote_quantized.pth")
     url = f"{server.url}/remote.pth?download=1"
@@ -273,15 +292,20 @@ def _original_archive(path: Path, name: str, files: dict[str, bytes], config: di
     return path
 
 
-def test_import_archive_in_the_originals_layout(tmp_path, panoptem_home, small_model_file,
-                                               tiny_file):
+def test_import_archive_in_the_originals_layout(
+    tmp_path, panoptem_home, small_model_file, tiny_file
+):
     # the original keeps a local model's own file name and renames downloaded ones
-    config = model_config("finetuned_weights.pth", model_quantized="Foo_quantized.pth",
-                          FINETUNE=FINETUNE)
+    config = model_config(
+        "finetuned_weights.pth", model_quantized="Foo_quantized.pth", FINETUNE=FINETUNE
+    )
     archive = _original_archive(
-        tmp_path / "Foo.empanada", "Foo",
-        {"finetuned_weights.pth": small_model_file.read_bytes(),
-         "Foo_quantized.pth": tiny_file.read_bytes()},
+        tmp_path / "Foo.empanada",
+        "Foo",
+        {
+            "finetuned_weights.pth": small_model_file.read_bytes(),
+            "Foo_quantized.pth": tiny_file.read_bytes(),
+        },
         config,
     )
     assert not (panoptem_home / "models").exists()  # the original failed here (quantized)
@@ -302,18 +326,19 @@ def test_import_archive_in_the_originals_layout(tmp_path, panoptem_home, small_m
 def test_import_original_fallback_to_only_model_file(tmp_path, small_model_file):
     # the yaml's model name does not match the stored file: the single .pth is used
     config = model_config("somewhere/else.pth")
-    archive = _original_archive(tmp_path / "Bar.empanada", "Bar",
-                                {"weights.pth": small_model_file.read_bytes()}, config)
+    archive = _original_archive(
+        tmp_path / "Bar.empanada", "Bar", {"weights.pth": small_model_file.read_bytes()}, config
+    )
     assert model_archive.import_model(archive) == "Bar"
-    assert Path(registry.get_config("Bar")["model"]).read_bytes() == \
-        small_model_file.read_bytes()
+    assert Path(registry.get_config("Bar")["model"]).read_bytes() == small_model_file.read_bytes()
 
 
 def test_import_keeps_a_quantized_url(tmp_path, small_model_file):
     qurl = "https://example.org/files/q.pth?download=1"
     config = model_config("Baz.pth", model_quantized=qurl)
-    archive = _original_archive(tmp_path / "Baz.empanada", "Baz",
-                                {"Baz.pth": small_model_file.read_bytes()}, config)
+    archive = _original_archive(
+        tmp_path / "Baz.empanada", "Baz", {"Baz.pth": small_model_file.read_bytes()}, config
+    )
     assert model_archive.import_model(archive) == "Baz"
     assert registry.get_config("Baz")["model_quantized"] == qurl
 
@@ -340,9 +365,9 @@ def _assert_nothing_imported(home: Path, before: list[str]) -> None:
         ("truncated", "not a readable zip"),
     ],
 )
-def test_bad_archives_are_clear_errors_and_leave_nothing(tmp_path, panoptem_home,
-                                                         small_model_file, tiny_file,
-                                                         case, message):
+def test_bad_archives_are_clear_errors_and_leave_nothing(
+    tmp_path, panoptem_home, small_model_file, tiny_file, case, message
+):
     model = small_model_file.read_bytes()
     good_cfg = model_config("X.pth")
     path = tmp_path / "X.empanada"
@@ -364,13 +389,12 @@ def test_bad_archives_are_clear_errors_and_leave_nothing(tmp_path, panoptem_home
     elif case == "bad_config":
         _original_archive(path, "X", {"X.pth": model}, {"model": "X.pth", "labels": [1]})
     elif case == "two_yamls":
-        _original_archive(path, "A", {"X.pth": model, "B.yaml": yaml.dump(good_cfg)},
-                          good_cfg)
+        _original_archive(path, "A", {"X.pth": model, "B.yaml": yaml.dump(good_cfg)}, good_cfg)
     elif case == "damaged":
         _original_archive(path, "X", {"X.pth": model}, good_cfg)
         data = bytearray(path.read_bytes())
         at = data.find(model[1000:1032])  # stored uncompressed: flip bytes inside it
-        data[at:at + 32] = bytes(b ^ 0xFF for b in data[at:at + 32])
+        data[at : at + 32] = bytes(b ^ 0xFF for b in data[at : at + 32])
         path.write_bytes(bytes(data))
     elif case == "not_torchscript":
         _original_archive(path, "X", {"X.pth": b"\x00" * 5000}, good_cfg)
@@ -390,8 +414,12 @@ def test_bad_archives_are_clear_errors_and_leave_nothing(tmp_path, panoptem_home
 def test_import_missing_file_and_bad_name(tmp_path, small_model_file):
     with pytest.raises(PanoptemError, match="does not exist"):
         model_archive.import_model(tmp_path / "missing.empanada")
-    archive = _original_archive(tmp_path / "X.empanada", "X",
-                                {"X.pth": small_model_file.read_bytes()}, model_config("X.pth"))
+    archive = _original_archive(
+        tmp_path / "X.empanada",
+        "X",
+        {"X.pth": small_model_file.read_bytes()},
+        model_config("X.pth"),
+    )
     with pytest.raises(PanoptemError, match="cannot be used as a file name"):
         model_archive.import_model(archive, "a/b")
     assert _files_under(registry.home_dir()) == []
@@ -400,17 +428,24 @@ def test_import_missing_file_and_bad_name(tmp_path, small_model_file):
 def test_import_never_overwrites_files_in_models(tmp_path, panoptem_home, small_model_file):
     stray = _copy(small_model_file, panoptem_home / "models" / "Kept.pth")
     stray.write_bytes(b"someone else's file")
-    archive = _original_archive(tmp_path / "X.empanada", "X",
-                                {"X.pth": small_model_file.read_bytes()}, model_config("X.pth"))
+    archive = _original_archive(
+        tmp_path / "X.empanada",
+        "X",
+        {"X.pth": small_model_file.read_bytes()},
+        model_config("X.pth"),
+    )
     assert model_archive.import_model(archive, "Kept") == "KeptNew"
     assert stray.read_bytes() == b"someone else's file"
-    assert (panoptem_home / "models" / "KeptNew.pth").read_bytes() == \
-        small_model_file.read_bytes()
+    assert (panoptem_home / "models" / "KeptNew.pth").read_bytes() == small_model_file.read_bytes()
 
 
 def test_cancelled_import_leaves_nothing(tmp_path, panoptem_home, small_model_file):
-    archive = _original_archive(tmp_path / "X.empanada", "X",
-                                {"X.pth": small_model_file.read_bytes()}, model_config("X.pth"))
+    archive = _original_archive(
+        tmp_path / "X.empanada",
+        "X",
+        {"X.pth": small_model_file.read_bytes()},
+        model_config("X.pth"),
+    )
 
     class CancelOnFirstChunk(Progress):
         def on_advance(self, done: int, total: int) -> None:
@@ -449,13 +484,19 @@ def test_archive_moves_config_and_files(tmp_path, panoptem_home, small_model_fil
 
 
 def test_archive_imported_model(tmp_path, panoptem_home, small_model_file):
-    archive = _original_archive(tmp_path / "X.empanada", "X",
-                                {"X.pth": small_model_file.read_bytes()}, model_config("X.pth"))
+    archive = _original_archive(
+        tmp_path / "X.empanada",
+        "X",
+        {"X.pth": small_model_file.read_bytes()},
+        model_config("X.pth"),
+    )
     model_archive.import_model(archive, "Imp")
     model_archive.archive_model("Imp")
     assert _files_under(panoptem_home / "models") == []
-    assert sorted(p.name for p in _files_under(panoptem_home / "archived")) == \
-        ["Imp.pth", "Imp.yaml"]
+    assert sorted(p.name for p in _files_under(panoptem_home / "archived")) == [
+        "Imp.pth",
+        "Imp.yaml",
+    ]
 
 
 def test_builtin_models_are_refused(tmp_path):
@@ -468,8 +509,7 @@ def test_builtin_models_are_refused(tmp_path):
     assert not model_archive.archived_dir().exists()
 
 
-def test_archiving_a_user_override_of_a_builtin_brings_the_builtin_back(tmp_path,
-                                                                       small_model_file):
+def test_archiving_a_user_override_of_a_builtin_brings_the_builtin_back(tmp_path, small_model_file):
     # a user config with a built-in's name replaces it (written by hand or by the original)
     mine = _copy(small_model_file, tmp_path / "mine.pth")
     _write_yaml(registry.config_dir() / "MitoNet_v1.yaml", model_config(mine))

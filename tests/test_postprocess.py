@@ -19,7 +19,7 @@ from panoptem.inference.postprocess import (
 def gaussian_peaks(shape, peaks, sigma=2.0):
     yy, xx = np.indices(shape)
     h = np.zeros(shape, np.float32)
-    for (y, x, a) in peaks:
+    for y, x, a in peaks:
         h = np.maximum(h, a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2)))
     return torch.from_numpy(h)
 
@@ -122,7 +122,7 @@ def disk_heads(shape=(64, 64), disks=((20, 20, 8), (40, 44, 10)), step=4):
     dy = np.zeros((gh, gw), np.float32)
     dx = np.zeros((gh, gw), np.float32)
     for cy, cx, _ in disks:
-        near = ((gy - cy) ** 2 + (gx - cx) ** 2) < 16 ** 2
+        near = ((gy - cy) ** 2 + (gx - cx) ** 2) < 16**2
         dy[near], dx[near] = (cy - gy)[near], (cx - gx)[near]
     return (torch.from_numpy(logits)[None], hmp, torch.from_numpy(np.stack([dy, dx])), owner)
 
@@ -139,7 +139,9 @@ def test_panoptic_from_heads_two_disks():
 
 def test_semantic_only_gives_one_label_per_class():
     sem, hmp, off, owner = disk_heads()
-    pan = panoptic_from_heads(sem, hmp, off, thing_list=[1], label_divisor=10000, semantic_only=True)
+    pan = panoptic_from_heads(
+        sem, hmp, off, thing_list=[1], label_divisor=10000, semantic_only=True
+    )
     assert sorted(np.unique(pan)) == [0, 10000]
     assert ((pan == 10000) == (owner > 0)).all()
 

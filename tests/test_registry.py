@@ -31,7 +31,13 @@ pytestmark = pytest.mark.filterwarnings(
 
 # the built-ins: the original's four (checked against their official URLs) and panoptem's
 # bundled model (tests/test_bundled_model.py)
-BUILTINS = ["DropNet_base_v1", "MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "panoptem_mito_small"]
+BUILTINS = [
+    "DropNet_base_v1",
+    "MitoNet_v1",
+    "MitoNet_v1_mini",
+    "NucleoNet_base_v2",
+    "panoptem_mito_small",
+]
 OFFICIAL = {
     "MitoNet_v1": (
         "https://zenodo.org/record/6861565/files/MitoNet_v1.pth?download=1",
@@ -634,6 +640,8 @@ def test_relative_model_paths_are_relative_to_the_config(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "weights.pth").write_bytes(b"x")
     cfg = tmp_path / "sub" / "rel.yaml"
-    cfg.write_text(yaml.safe_dump({**_config(), "model": "../weights.pth", "model_quantized": None}))
+    cfg.write_text(
+        yaml.safe_dump({**_config(), "model": "../weights.pth", "model_quantized": None})
+    )
     monkeypatch.chdir(tmp_path / "sub")
     assert registry.read_config(cfg)["model"] == str((tmp_path / "weights.pth").resolve())

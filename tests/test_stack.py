@@ -25,7 +25,7 @@ def test_median_is_true_median_of_clipped_window(n, k):
     stack = np.stack([p.numpy() for p in probs])
     r = k // 2
     for i, (m, _) in enumerate(out):
-        window = stack[max(0, i - r): i + r + 1]
+        window = stack[max(0, i - r) : i + r + 1]
         np.testing.assert_allclose(m.numpy(), np.median(window, axis=0), rtol=1e-6)
     if n > k:  # in the interior it equals scipy's median filter along the slices
         from scipy.ndimage import median_filter

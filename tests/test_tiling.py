@@ -7,7 +7,9 @@ import pytest
 from panoptem.inference.tiling import axis_tiles, min_overlap, segment_tiled, tile_grid
 
 
-@pytest.mark.parametrize("length,tile", [(1000, 256), (1024, 512), (5000, 1280), (300, 256), (257, 256)])
+@pytest.mark.parametrize(
+    "length,tile", [(1000, 256), (1024, 512), (5000, 1280), (300, 256), (257, 256)]
+)
 def test_axis_tiles_cover_with_minimum_overlap(length, tile):
     spans = axis_tiles(length, tile)
     assert spans[0][0] == 0 and spans[-1][1] == length
@@ -58,11 +60,14 @@ def f1_same_objects(a, b):
     return 2 * matched / (len(ids_a) + len(ids_b))
 
 
-@pytest.mark.parametrize("shape,tile,radius,spacing", [
-    ((700, 900), 256, 12, 37),   # many disks cut by seams
-    ((513, 1100), 300, 20, 61),  # large disks, uneven seams
-    ((90, 1500), 256, 15, 40),   # an image thinner than a tile
-])
+@pytest.mark.parametrize(
+    "shape,tile,radius,spacing",
+    [
+        ((700, 900), 256, 12, 37),  # many disks cut by seams
+        ((513, 1100), 300, 20, 61),  # large disks, uneven seams
+        ((90, 1500), 256, 15, 40),  # an image thinner than a tile
+    ],
+)
 def test_tiled_equals_untiled_on_disk_grid(shape, tile, radius, spacing):
     img = disk_grid(shape, radius, spacing)
     untiled = cc_segment(img)
@@ -91,7 +96,7 @@ def test_unconfirmed_fragment_in_seam_is_dropped():
     def fake(t):
         out = np.zeros((t.y1 - t.y0, t.x1 - t.x0), np.int32)
         if t.x0 == 0:  # only the first tile "sees" a blob inside the seam
-            out[50:60, seam_x + 2 - t.x0:seam_x + 12 - t.x0] = 1001
+            out[50:60, seam_x + 2 - t.x0 : seam_x + 12 - t.x0] = 1001
             out[10:20, 10:20] = 1002  # and a normal object away from the seam
         return out
 

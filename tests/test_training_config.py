@@ -14,7 +14,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "custom_configs"
 
 def test_merge_is_recursive_and_lists_replace():
     base = {"A": {"x": 1, "y": [1, 2]}, "B": 2}
-    assert merge_configs(base, {"A": {"y": [3]}, "C": 4}) == {"A": {"x": 1, "y": [3]}, "B": 2, "C": 4}
+    assert merge_configs(base, {"A": {"y": [3]}, "C": 4}) == {
+        "A": {"x": 1, "y": [3]},
+        "B": 2,
+        "C": 4,
+    }
     assert base == {"A": {"x": 1, "y": [1, 2]}, "B": 2}  # untouched
 
 
@@ -25,7 +29,10 @@ def test_templates_load_and_inherit():
     assert pdl["TRAIN"]["schedule_params"]["max_lr"] == 0.003
     assert len(pdl["TRAIN"]["augmentations"]) == 7
     assert pdl["TRAIN"]["finetune_layer"] == "all"  # overridden
-    assert bifpn["MODEL"]["arch"] == "PanopticBiFPNPR" and bifpn["EVAL"]["engine_params"]["nms_kernel"] == 7
+    assert (
+        bifpn["MODEL"]["arch"] == "PanopticBiFPNPR"
+        and bifpn["EVAL"]["engine_params"]["nms_kernel"] == 7
+    )
     assert "BASE" not in bifpn
     # the MODEL blocks build real models once num_classes is filled
     for cfg in (pdl, bifpn):

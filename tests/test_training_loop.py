@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_ARCH
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.models import build_model
 from panoptem.progress import Progress
 from panoptem.training.loop import save_checkpoint, set_trainable, train
 from panoptem.training.losses import PanopticLoss
+from testutils import SMALL_ARCH
 
 
 class DiskSet(torch.utils.data.Dataset):
@@ -33,9 +33,14 @@ class DiskSet(torch.utils.data.Dataset):
                 img[inside], sem[inside] = 0.2, 1.0
                 hmp = np.maximum(hmp, np.exp(-d / 72.0))
                 off[0][inside], off[1][inside] = (cy - yy)[inside], (cx - xx)[inside]
-            self.items.append({"image": torch.from_numpy((img - 0.5) / 0.2)[None],
-                               "sem": torch.from_numpy(sem)[None], "ctr_hmp": torch.from_numpy(hmp)[None],
-                               "offsets": torch.from_numpy(off)})
+            self.items.append(
+                {
+                    "image": torch.from_numpy((img - 0.5) / 0.2)[None],
+                    "sem": torch.from_numpy(sem)[None],
+                    "ctr_hmp": torch.from_numpy(hmp)[None],
+                    "offsets": torch.from_numpy(off),
+                }
+            )
 
     def __len__(self):
         return len(self.items)
@@ -76,18 +81,32 @@ def test_stage4_trains_only_layer4_decoders_and_heads():
     assert not any(n.startswith("encoder.") for n in set_trainable(model, "none"))
     assert any(n.startswith("encoder.conv1") for n in set_trainable(model, "all"))
     s1 = set_trainable(model, "stage1")
-    assert any(n.startswith("encoder.layer1.") for n in s1) and not any(n.startswith("encoder.conv1") for n in s1)
+    assert any(n.startswith("encoder.layer1.") for n in s1) and not any(
+        n.startswith("encoder.conv1") for n in s1
+    )
 
 
 def test_evaluate_checkpoint_and_cancel(tmp_path):
     torch.manual_seed(0)
     model = build_model(SMALL_ARCH)
     seen = []
-    res = train(model, DiskSet(2), iterations=4, batch_size=2, evaluate=lambda m: {"ok": not m.training},
-                eval_every=2, checkpoint=lambda m, it: seen.append(it), save_every=3)
-    assert [e["iteration"] for e in res.evaluations] == [2, 4] and all(e["ok"] for e in res.evaluations)
+    res = train(
+        model,
+        DiskSet(2),
+        iterations=4,
+        batch_size=2,
+        evaluate=lambda m: {"ok": not m.training},
+        eval_every=2,
+        checkpoint=lambda m, it: seen.append(it),
+        save_every=3,
+    )
+    assert [e["iteration"] for e in res.evaluations] == [2, 4] and all(
+        e["ok"] for e in res.evaluations
+    )
     assert seen == [3, 4]
-    path = save_checkpoint(tmp_path / "m_checkpoint.pth.tar", model, SMALL_ARCH, {"mean": 0.5, "std": 0.2}, 4)
+    path = save_checkpoint(
+        tmp_path / "m_checkpoint.pth.tar", model, SMALL_ARCH, {"mean": 0.5, "std": 0.2}, 4
+    )
     state = torch.load(path, weights_only=False)
     fresh = build_model(state["config"])
     fresh.load_state_dict(state["state_dict"])

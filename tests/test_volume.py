@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SHARED_DATA
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference.engine import Params2D
 from panoptem.inference.volume import Engine3D, Params3D
 from panoptem.progress import CallbackProgress, Progress
+from testutils import SHARED_DATA
 
 P2 = Params2D(confidence_thr=0.5)
 
@@ -69,8 +69,9 @@ def test_zarr_output_equals_memory(engine3d, small_vol, tmp_path):
 
 
 def test_zarr_input_is_read_lazily(engine3d, small_vol, tmp_path):
-    src = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=small_vol.shape, chunks=(1, 96, 112),
-                            dtype="uint8")
+    src = zarr.create_array(
+        store=str(tmp_path / "in.zarr"), shape=small_vol.shape, chunks=(1, 96, 112), dtype="uint8"
+    )
     src[:] = small_vol
     a = engine3d.segment(src, P2, Params3D(min_size=30)).classes["mito"]
     b = engine3d.segment(small_vol, P2, Params3D(min_size=30)).classes["mito"]
@@ -85,15 +86,21 @@ def test_short_volume_with_long_median(engine3d, small_vol):
 @pytest.mark.parametrize("plane", ["xz", "yz"])
 def test_anisotropic_volume_other_planes(engine3d, small_vol, plane):
     vol = small_vol[:6]
-    out = engine3d.segment(vol, P2, Params3D(plane=plane, min_size=0, min_extent=0, return_stacks=True))
+    out = engine3d.segment(
+        vol, P2, Params3D(plane=plane, min_size=0, min_extent=0, return_stacks=True)
+    )
     assert out.classes["mito"].shape == vol.shape
     assert out.stacks[plane].shape == vol.shape and out.classes["mito"].any()
 
 
 def test_progress_stages_and_cancel_leave_no_complete_array(engine3d, small_vol, tmp_path):
     stages = []
-    engine3d.segment(small_vol, P2, Params3D(min_size=30),
-                     progress=CallbackProgress(lambda s, d, t: stages.append(s)))
+    engine3d.segment(
+        small_vol,
+        P2,
+        Params3D(min_size=30),
+        progress=CallbackProgress(lambda s, d, t: stages.append(s)),
+    )
     assert {"stack xy", "matching xy"} <= set(stages)
 
     class CancelMidStack(Progress):
@@ -103,27 +110,35 @@ def test_progress_stages_and_cancel_leave_no_complete_array(engine3d, small_vol,
 
     path = tmp_path / "cancelled.zarr"
     with pytest.raises(Cancelled):
-        engine3d.segment(small_vol, P2, Params3D(min_size=30), zarr_path=path, progress=CancelMidStack())
+        engine3d.segment(
+            small_vol, P2, Params3D(min_size=30), zarr_path=path, progress=CancelMidStack()
+        )
     assert not [p.name for p in path.iterdir() if p.is_dir()]
 
 
-@pytest.mark.parametrize("shape,match", [
-    ((64, 64), "3D inference takes a volume"),
-    ((2, 3, 4, 5, 6), "3D inference takes a volume"),
-    ((4, 32, 32, 3), "RGB"),
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((64, 64), "3D inference takes a volume"),
+        ((2, 3, 4, 5, 6), "3D inference takes a volume"),
+        ((4, 32, 32, 3), "RGB"),
+    ],
+)
 def test_bad_volumes(engine3d, shape, match):
     with pytest.raises(PanoptemError, match=match):
         engine3d.segment(np.zeros(shape, np.uint8))
 
 
-@pytest.mark.parametrize("params,match", [
-    (Params3D(chunk_size="big"), "Chunk size"),
-    (Params3D(chunk_size="1,2"), "Chunk size"),
-    (Params3D(vote_thr=4), "Voxel Vote Thr"),
-    (Params3D(median_size=4), "Median Filter Size"),
-    (Params3D(plane="xx"), "Inference plane"),
-])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (Params3D(chunk_size="big"), "Chunk size"),
+        (Params3D(chunk_size="1,2"), "Chunk size"),
+        (Params3D(vote_thr=4), "Voxel Vote Thr"),
+        (Params3D(median_size=4), "Median Filter Size"),
+        (Params3D(plane="xx"), "Inference plane"),
+    ],
+)
 def test_bad_parameters(params, match):
     with pytest.raises(PanoptemError, match=match):
         params.validated()
@@ -149,16 +164,18 @@ def test_ortho_plane_on_real_volume(engine3d, em_volume, tmp_path):
     # a voxel kept with vote 2 is foreground in at least two of the three filtered stacks
     fg = sum((res.stacks[ax] > 0).astype(int) for ax in ("xy", "xz", "yz"))
     assert (fg[mito > 0] >= 2).all()
-    union = engine3d.segment(vol, P2, Params3D(ortho_plane=True, min_size=20, min_extent=2, vote_thr=1))
+    union = engine3d.segment(
+        vol, P2, Params3D(ortho_plane=True, min_size=20, min_extent=2, vote_thr=1)
+    )
     assert (union.classes["mito"] > 0).sum() >= (mito > 0).sum()
     disk = engine3d.segment(vol, P2, p3, zarr_path=tmp_path / "ortho.zarr")
     np.testing.assert_array_equal(disk.classes["mito"][:], mito)
 
 
 def test_stuff_class_is_a_uint8_mask_in_stack_and_ortho(tmp_path, small_vol):
-    from conftest import SMALL_ARCH, model_config
     from panoptem.demo import untrained_model
     from panoptem.models import export_torchscript
+    from testutils import SMALL_ARCH, model_config
 
     path = tmp_path / "two_class.pth"
     export_torchscript(untrained_model(dict(SMALL_ARCH, num_classes=3)), path)

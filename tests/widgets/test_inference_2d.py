@@ -56,17 +56,20 @@ PARAMETER_PATHS = [
     {"max_objects": 1000},
     {"tile_size": 128},
 ]
-WIDGET_NAMES = {"min_distance": "min_distance_object_centers",
-                "fill_holes": "fill_holes_in_segmentation",
-                "max_objects": "maximum_objects_per_class"}
+WIDGET_NAMES = {
+    "min_distance": "min_distance_object_centers",
+    "fill_holes": "fill_holes_in_segmentation",
+    "max_objects": "maximum_objects_per_class",
+}
 
 
 @pytest.mark.parametrize("params", PARAMETER_PATHS, ids=lambda p: "-".join(p) or "defaults")
 def test_parameters_on_2d_image(make_widget, wait_job, registered_model, em_image, params):
     viewer, widget = make_widget()
     layer = viewer.add_image(em_image, scale=(2.0, 2.0), translate=(10.0, -4.0))
-    values = {WIDGET_NAMES.get(k, k): (str(v) if k == "max_objects" else v)
-              for k, v in params.items()}
+    values = {
+        WIDGET_NAMES.get(k, k): (str(v) if k == "max_objects" else v) for k, v in params.items()
+    }
     job = run(widget, wait_job, image_layer=layer, **values)
     assert job.error is None
     out = viewer.layers["empanada_seg_2d"]
@@ -86,20 +89,23 @@ def test_parameters_on_2d_image(make_widget, wait_job, registered_model, em_imag
     [((0, 1, 2), 0, False), ((1, 0, 2), 1, False), ((2, 0, 1), 2, False), ((2, 1, 0), 2, True)],
     ids=["xy", "xz", "yz", "yz-transposed"],
 )
-def test_current_plane_of_a_volume(make_widget, wait_job, registered_model, em_volume, order,
-                                   fixed, transposed):
+def test_current_plane_of_a_volume(
+    make_widget, wait_job, registered_model, em_volume, order, fixed, transposed
+):
     viewer, widget = make_widget()
     vol = em_volume[:, :128, :160]
     layer = viewer.add_image(vol, scale=(3.0, 1.5, 1.5), translate=(6.0, 0.0, 9.0))
     index = 5
     viewer.dims.order = order
-    viewer.dims.set_point(fixed, layer.data_to_world([index if a == fixed else 0
-                                                       for a in range(3)])[fixed])
+    viewer.dims.set_point(
+        fixed, layer.data_to_world([index if a == fixed else 0 for a in range(3)])[fixed]
+    )
     run(widget, wait_job, image_layer=layer)
     out = viewer.layers["empanada_seg_2d"]
     plane = np.take(vol, index, axis=fixed)
-    want = expected(registered_model, plane.T).T if transposed else expected(registered_model,
-                                                                             plane)
+    want = (
+        expected(registered_model, plane.T).T if transposed else expected(registered_model, plane)
+    )
     assert out.data.shape == tuple(1 if a == fixed else vol.shape[a] for a in range(3))
     np.testing.assert_array_equal(np.take(out.data, 0, axis=fixed), want)
     t = np.array(layer.translate)
@@ -139,7 +145,7 @@ def test_confine_to_viewport(make_widget, wait_job, registered_model, lucchi_ima
     assert 0 < y0 < y1 < lucchi_image.shape[0] - 1 and 0 < x0 < x1 < lucchi_image.shape[1] - 1
     run(widget, wait_job, image_layer=layer, viewport=True)
     out = viewer.layers["empanada_seg_2d"]
-    crop = lucchi_image[y0:y1 + 1, x0:x1 + 1]
+    crop = lucchi_image[y0 : y1 + 1, x0 : x1 + 1]
     np.testing.assert_array_equal(out.data, expected(registered_model, crop))
     np.testing.assert_allclose(out.translate, (y0, x0))
 
@@ -151,8 +157,7 @@ def test_confine_to_shapes_roi(make_widget, wait_job, registered_model, em_image
     layer = viewer.add_image(em_image, scale=(2.0, 2.0))
     tri = np.array([[20.0, 30.0], [220.0, 60.0], [120.0, 300.0]])  # image pixels
     viewer.add_shapes([tri * 2.0], shape_type="polygon", name="roi")  # world = pixels * 2
-    run(widget, wait_job, image_layer=layer, confine_to_roi=True,
-        roi_layer=viewer.layers["roi"])
+    run(widget, wait_job, image_layer=layer, confine_to_roi=True, roi_layer=viewer.layers["roi"])
     mask = np.zeros(em_image.shape, bool)
     mask[polygon(tri[:, 0], tri[:, 1], em_image.shape)] = True
     out = viewer.layers["empanada_seg_2d"].data
@@ -160,8 +165,9 @@ def test_confine_to_shapes_roi(make_widget, wait_job, registered_model, em_image
     assert not out[~mask].any() and out[mask].any()
 
 
-def test_confine_to_labels_mask_on_a_volume_plane(make_widget, wait_job, registered_model,
-                                                  em_volume):
+def test_confine_to_labels_mask_on_a_volume_plane(
+    make_widget, wait_job, registered_model, em_volume
+):
     viewer, widget = make_widget()
     vol = em_volume[:8, :128, :128]
     layer = viewer.add_image(vol)
@@ -186,8 +192,9 @@ def test_batch_mode_stack_into_one_layer(make_widget, wait_job, registered_model
     assert job.progress.stage_name == "images" and job.progress.done == 3
 
 
-def test_output_to_layer_writes_only_the_plane_and_can_be_undone(make_widget, wait_job,
-                                                                 registered_model, em_volume):
+def test_output_to_layer_writes_only_the_plane_and_can_be_undone(
+    make_widget, wait_job, registered_model, em_volume
+):
     viewer, widget = make_widget()
     vol = em_volume[:6, :128, :128]
     layer = viewer.add_image(vol)
@@ -205,19 +212,22 @@ def test_output_to_layer_writes_only_the_plane_and_can_be_undone(make_widget, wa
     np.testing.assert_array_equal(target.data, before)
 
 
-@pytest.mark.parametrize("case", ["batch+output", "viewport-xz", "shape-mismatch",
-                                  "batch+roi", "bad-max-objects"])
+@pytest.mark.parametrize(
+    "case", ["batch+output", "viewport-xz", "shape-mismatch", "batch+roi", "bad-max-objects"]
+)
 def test_conflicting_options_are_notifications(make_widget, notifications, em_volume, case):
     viewer, widget = make_widget()
     vol = em_volume[:4, :64, :64]
     layer = viewer.add_image(vol)
     widget.reset_choices()
     widget.image_layer.value = layer
-    expect = {"batch+output": "Batch mode is not compatible with output to layer",
-              "viewport-xz": "not supported for xz planes",
-              "shape-mismatch": "Output layer must have the same shape as the input image",
-              "batch+roi": "Batch mode is not compatible with ROI inference",
-              "bad-max-objects": "Max objects per class must be a whole number"}[case]
+    expect = {
+        "batch+output": "Batch mode is not compatible with output to layer",
+        "viewport-xz": "not supported for xz planes",
+        "shape-mismatch": "Output layer must have the same shape as the input image",
+        "batch+roi": "Batch mode is not compatible with ROI inference",
+        "bad-max-objects": "Max objects per class must be a whole number",
+    }[case]
     if case == "batch+output":
         target = viewer.add_labels(np.zeros(vol.shape, np.int32))
         widget.reset_choices()
@@ -305,8 +315,7 @@ def test_labels_are_drawn_over_the_image(make_widget, wait_job, em_image, qtbot)
     assert changed.any() and coloured[changed].mean() > 0.9
 
 
-def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lucchi_image,
-                                                       qtbot):
+def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lucchi_image, qtbot):
     from qtpy.QtCore import QTimer
 
     viewer, widget = make_widget()

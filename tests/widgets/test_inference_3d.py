@@ -65,39 +65,105 @@ def test_fields_defaults_and_button(make_widget, registered_model):
     _, w = make_widget()
     assert w._call_button.text == "Run 3D Inference"
     assert registered_model in w.model_config.choices
-    labels = {name: getattr(w, name).label for name in (
-        "downsampling", "confidence_thr", "center_confidence_thr", "min_distance_object_centers",
-        "median_slices", "min_size", "min_extent", "maximum_objects_per_class",
-        "inference_plane", "label_erosion", "label_dilation", "pixel_vote_thr", "store_dir",
-        "chunk_size")}
+    labels = {
+        name: getattr(w, name).label
+        for name in (
+            "downsampling",
+            "confidence_thr",
+            "center_confidence_thr",
+            "min_distance_object_centers",
+            "median_slices",
+            "min_size",
+            "min_extent",
+            "maximum_objects_per_class",
+            "inference_plane",
+            "label_erosion",
+            "label_dilation",
+            "pixel_vote_thr",
+            "store_dir",
+            "chunk_size",
+        )
+    }
     assert labels == {
-        "downsampling": "Image Downsampling", "confidence_thr": "Segmentation Confidence Thr",
+        "downsampling": "Image Downsampling",
+        "confidence_thr": "Segmentation Confidence Thr",
         "center_confidence_thr": "Center Confidence Thr",
         "min_distance_object_centers": "Centers Min Distance",
-        "median_slices": "Median Filter Size", "min_size": "Min Size (Voxels)",
-        "min_extent": "Min Box Extent", "maximum_objects_per_class": "Max objects per class in 3D",
-        "inference_plane": "Inference plane", "label_erosion": "Erode Labels",
-        "label_dilation": "Dilate Labels", "pixel_vote_thr": "Voxel Vote Thr Out of 3",
-        "store_dir": "Directory", "chunk_size": "Chunk size"}
-    texts = {name: getattr(w, name).text for name in (
-        "use_gpu", "use_quantized", "multigpu", "fine_boundaries", "semantic_only",
-        "fill_holes_in_segmentation", "orthoplane", "return_panoptic", "allow_one_view")}
+        "median_slices": "Median Filter Size",
+        "min_size": "Min Size (Voxels)",
+        "min_extent": "Min Box Extent",
+        "maximum_objects_per_class": "Max objects per class in 3D",
+        "inference_plane": "Inference plane",
+        "label_erosion": "Erode Labels",
+        "label_dilation": "Dilate Labels",
+        "pixel_vote_thr": "Voxel Vote Thr Out of 3",
+        "store_dir": "Directory",
+        "chunk_size": "Chunk size",
+    }
+    texts = {
+        name: getattr(w, name).text
+        for name in (
+            "use_gpu",
+            "use_quantized",
+            "multigpu",
+            "fine_boundaries",
+            "semantic_only",
+            "fill_holes_in_segmentation",
+            "orthoplane",
+            "return_panoptic",
+            "allow_one_view",
+        )
+    }
     assert texts["multigpu"] == "Multi GPU" and texts["orthoplane"] == "Run ortho-plane"
     assert texts["allow_one_view"] == "Permit detections found in 1 stack into consensus"
     assert texts["return_panoptic"] == "Return xy, xz, yz stacks"
-    values = {name: getattr(w, name).value for name in (
-        "downsampling", "confidence_thr", "center_confidence_thr", "min_distance_object_centers",
-        "fine_boundaries", "semantic_only", "median_slices", "min_size", "min_extent",
-        "maximum_objects_per_class", "inference_plane", "label_erosion", "label_dilation",
-        "fill_holes_in_segmentation", "orthoplane", "return_panoptic", "pixel_vote_thr",
-        "allow_one_view", "chunk_size", "multigpu")}
+    values = {
+        name: getattr(w, name).value
+        for name in (
+            "downsampling",
+            "confidence_thr",
+            "center_confidence_thr",
+            "min_distance_object_centers",
+            "fine_boundaries",
+            "semantic_only",
+            "median_slices",
+            "min_size",
+            "min_extent",
+            "maximum_objects_per_class",
+            "inference_plane",
+            "label_erosion",
+            "label_dilation",
+            "fill_holes_in_segmentation",
+            "orthoplane",
+            "return_panoptic",
+            "pixel_vote_thr",
+            "allow_one_view",
+            "chunk_size",
+            "multigpu",
+        )
+    }
     assert values == {
-        "downsampling": 1, "confidence_thr": 0.5, "center_confidence_thr": 0.1,
-        "min_distance_object_centers": 3, "fine_boundaries": False, "semantic_only": False,
-        "median_slices": 3, "min_size": 500, "min_extent": 5, "maximum_objects_per_class": "10000",
-        "inference_plane": "xy", "label_erosion": 0, "label_dilation": 0,
-        "fill_holes_in_segmentation": False, "orthoplane": True, "return_panoptic": False,
-        "pixel_vote_thr": 2, "allow_one_view": False, "chunk_size": "256", "multigpu": False}
+        "downsampling": 1,
+        "confidence_thr": 0.5,
+        "center_confidence_thr": 0.1,
+        "min_distance_object_centers": 3,
+        "fine_boundaries": False,
+        "semantic_only": False,
+        "median_slices": 3,
+        "min_size": 500,
+        "min_extent": 5,
+        "maximum_objects_per_class": "10000",
+        "inference_plane": "xy",
+        "label_erosion": 0,
+        "label_dilation": 0,
+        "fill_holes_in_segmentation": False,
+        "orthoplane": True,
+        "return_panoptic": False,
+        "pixel_vote_thr": 2,
+        "allow_one_view": False,
+        "chunk_size": "256",
+        "multigpu": False,
+    }
     assert str(w.store_dir.value) == "no zarr storage" and w.store_dir.mode.value == "d"
     assert list(w.median_slices.choices) == [1, 3, 5, 7, 9, 11]
     assert list(w.inference_plane.choices) == ["xy", "xz", "yz"]
@@ -105,21 +171,37 @@ def test_fields_defaults_and_button(make_widget, registered_model):
     assert (w.pixel_vote_thr.min, w.pixel_vote_thr.max) == (1, 3)
     assert (w.label_erosion.max, w.label_dilation.max, w.min_extent.max) == (50, 50, 1000)
     heads = [x.label for x in w if x.name.endswith("_head")]
-    assert heads == ["<h3>2D Parameters</h3>", "<h3>Stack Parameters</h3>",
-                     "<h3>Ortho-plane Parameters (Optional)</h3>", "<h3>Zarr Storage (optional)</h3>"]
+    assert heads == [
+        "<h3>2D Parameters</h3>",
+        "<h3>Stack Parameters</h3>",
+        "<h3>Ortho-plane Parameters (Optional)</h3>",
+        "<h3>Zarr Storage (optional)</h3>",
+    ]
 
 
 def test_stack_xy_layers_equal_the_engine(make_widget, wait_job, registered_model, em_volume):
     vol = np.ascontiguousarray(em_volume[:16, :128, :128])
     viewer, w = make_widget()
     image = viewer.add_image(vol, name="crop", scale=SCALE, translate=TRANSLATE)
-    job = wait_job(start(w, image_layer=image, orthoplane=False, return_panoptic=True,
-                         maximum_objects_per_class="1000", **FAST), timeout=SLOW_MS)
+    job = wait_job(
+        start(
+            w,
+            image_layer=image,
+            orthoplane=False,
+            return_panoptic=True,
+            maximum_objects_per_class="1000",
+            **FAST,
+        ),
+        timeout=SLOW_MS,
+    )
     assert job.error is None
     ref = headless(registered_model, vol, max_objects=1000, return_stacks=True, **FAST)
     mito, stack = viewer.layers["crop-mito-prediction"], viewer.layers["crop-panoptic-stack-xy"]
-    assert [lay.name for lay in viewer.layers] == ["crop", "crop-panoptic-stack-xy",
-                                                  "crop-mito-prediction"]
+    assert [lay.name for lay in viewer.layers] == [
+        "crop",
+        "crop-panoptic-stack-xy",
+        "crop-mito-prediction",
+    ]
     assert mito.data.dtype == np.int32 and mito.data.shape == vol.shape
     np.testing.assert_array_equal(mito.data, ref.classes["mito"])
     np.testing.assert_array_equal(stack.data, ref.stacks["xy"])
@@ -132,22 +214,33 @@ def test_stack_xy_layers_equal_the_engine(make_widget, wait_job, registered_mode
     assert mito.visible and image.visible and not stack.visible  # as the original
 
 
-def test_other_plane_and_parameters_4d_input(make_widget, wait_job, registered_model,
-                                             em_volume):
+def test_other_plane_and_parameters_4d_input(make_widget, wait_job, registered_model, em_volume):
     """A (1, Z, Y, X) image loses its channel axis (and its scale); yz plane, 2D and
     morphology options reach the engine."""
     vol = np.ascontiguousarray(em_volume[:12, :64, :48])
     viewer, w = make_widget()
     image = viewer.add_image(vol[None], name="four", scale=(1.0, *SCALE))
-    job = wait_job(start(w, image_layer=image, orthoplane=False, inference_plane="yz",
-                         downsampling=2, confidence_thr=0.3, center_confidence_thr=0.2,
-                         min_distance_object_centers=5, median_slices=5, label_dilation=1,
-                         fill_holes_in_segmentation=True, min_size=20, min_extent=1),
-                   timeout=SLOW_MS)
+    job = wait_job(
+        start(
+            w,
+            image_layer=image,
+            orthoplane=False,
+            inference_plane="yz",
+            downsampling=2,
+            confidence_thr=0.3,
+            center_confidence_thr=0.2,
+            min_distance_object_centers=5,
+            median_slices=5,
+            label_dilation=1,
+            fill_holes_in_segmentation=True,
+            min_size=20,
+            min_extent=1,
+        ),
+        timeout=SLOW_MS,
+    )
     assert job.error is None
     p2 = Params2D(downsampling=2, confidence_thr=0.3, center_confidence_thr=0.2, min_distance=5)
-    p3 = Params3D(plane="yz", median_size=5, dilate=1, fill_holes=True, min_size=20,
-                  min_extent=1)
+    p3 = Params3D(plane="yz", median_size=5, dilate=1, fill_holes=True, min_size=20, min_extent=1)
     ref = Engine3D(registered_model).segment(vol, p2, p3).classes["mito"]
     out = viewer.layers["four-mito-prediction"]
     assert out.data.shape == vol.shape and ref.any()
@@ -155,18 +248,32 @@ def test_other_plane_and_parameters_4d_input(make_widget, wait_job, registered_m
     np.testing.assert_allclose(out.scale, SCALE)
 
 
-def test_ortho_plane_to_zarr_then_reopened(make_widget, wait_job, registered_model, em_volume,
-                                           tmp_path):
+def test_ortho_plane_to_zarr_then_reopened(
+    make_widget, wait_job, registered_model, em_volume, tmp_path
+):
     vol = np.ascontiguousarray(em_volume[:8, :40, :48])
     viewer, w = make_widget()
     image = viewer.add_image(vol, name="vol", scale=SCALE, translate=TRANSLATE)
-    job = wait_job(start(w, image_layer=image, return_panoptic=True, store_dir=str(tmp_path),
-                         chunk_size="4, 32, 32", **FAST), timeout=SLOW_MS)
+    job = wait_job(
+        start(
+            w,
+            image_layer=image,
+            return_panoptic=True,
+            store_dir=str(tmp_path),
+            chunk_size="4, 32, 32",
+            **FAST,
+        ),
+        timeout=SLOW_MS,
+    )
     assert job.error is None and w.orthoplane.value
     store = tmp_path / f"vol_{registered_model}.zarr"
     ref = headless(registered_model, vol, ortho_plane=True, return_stacks=True, **FAST)
-    names = ["vol-panoptic-stack-xy", "vol-panoptic-stack-xz", "vol-panoptic-stack-yz",
-             "vol-mito-prediction"]
+    names = [
+        "vol-panoptic-stack-xy",
+        "vol-panoptic-stack-xz",
+        "vol-panoptic-stack-yz",
+        "vol-mito-prediction",
+    ]
     assert [lay.name for lay in viewer.layers][1:] == names
     on_disk = zarr.open_group(str(store), mode="r")
     assert sorted(on_disk.array_keys()) == ["mito", "panoptic_xy", "panoptic_xz", "panoptic_yz"]
@@ -177,8 +284,9 @@ def test_ortho_plane_to_zarr_then_reopened(make_widget, wait_job, registered_mod
     np.testing.assert_array_equal(mito.data[:], ref.classes["mito"])
     assert ref.classes["mito"].any()
     for ax in ("xy", "xz", "yz"):
-        np.testing.assert_array_equal(viewer.layers[f"vol-panoptic-stack-{ax}"].data[:],
-                                      ref.stacks[ax])
+        np.testing.assert_array_equal(
+            viewer.layers[f"vol-panoptic-stack-{ax}"].data[:], ref.stacks[ax]
+        )
 
     # the reader reopens the store with the same names, data and placement
     viewer.layers.clear()
@@ -188,19 +296,22 @@ def test_ortho_plane_to_zarr_then_reopened(make_widget, wait_job, registered_mod
         assert lay.__class__.__name__ == "Labels"
         np.testing.assert_allclose(lay.scale, SCALE)
         np.testing.assert_allclose(lay.translate, TRANSLATE)
-    np.testing.assert_array_equal(np.asarray(viewer.layers["vol-mito-prediction"].data),
-                                  ref.classes["mito"])
+    np.testing.assert_array_equal(
+        np.asarray(viewer.layers["vol-mito-prediction"].data), ref.classes["mito"]
+    )
 
 
-def test_cancel_stops_a_running_job(make_widget, wait_job, notifications, em_volume, tmp_path,
-                                    qtbot):
+def test_cancel_stops_a_running_job(
+    make_widget, wait_job, notifications, em_volume, tmp_path, qtbot
+):
     viewer, w = make_widget()
     image = viewer.add_image(np.ascontiguousarray(em_volume[:, :128, :128]), name="big")
     job = start(w, image_layer=image, store_dir=str(tmp_path), **FAST)
     assert job is not None and job.worker is not None
     # a determinate napari progress bar counts the slices of the first stack
-    qtbot.waitUntil(lambda: job.bar is not None and job.bar.total == 64 and job.bar.n >= 2,
-                    timeout=SLOW_MS)
+    qtbot.waitUntil(
+        lambda: job.bar is not None and job.bar.total == 64 and job.bar.n >= 2, timeout=SLOW_MS
+    )
     assert job.bar.desc.startswith("3D Inference: stack xy")
     job.cancel()
     wait_job(job, timeout=SLOW_MS)
@@ -212,15 +323,19 @@ def test_cancel_stops_a_running_job(make_widget, wait_job, notifications, em_vol
     assert list(zarr.open_group(str(store), mode="r").array_keys()) == []  # nothing half-written
 
 
-@pytest.mark.parametrize("case, message", [
-    ("2d", "needs a volume"),
-    ("chunks", "Chunk size"),
-    ("max_objects", "Max objects per class in 3D"),
-    ("multigpu", "Multi GPU needs at least two CUDA GPUs"),
-    ("no_layer", "Choose an image layer"),
-])
-def test_bad_input_is_a_notification(make_widget, notifications, em_volume, case, message,
-                                     monkeypatch):
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("2d", "needs a volume"),
+        ("chunks", "Chunk size"),
+        ("max_objects", "Max objects per class in 3D"),
+        ("multigpu", "Multi GPU needs at least two CUDA GPUs"),
+        ("no_layer", "Choose an image layer"),
+    ],
+)
+def test_bad_input_is_a_notification(
+    make_widget, notifications, em_volume, case, message, monkeypatch
+):
     from panoptem._widgets import inference_3d
 
     viewer, w = make_widget()
@@ -242,9 +357,10 @@ def test_bad_input_is_a_notification(make_widget, notifications, em_volume, case
     assert len(viewer.layers) == (0 if case == "no_layer" else 1)
 
 
-def test_multi_gpu_runs_one_process_per_device(make_widget, wait_job, registered_model,
-                                               em_volume, monkeypatch):
-    """"Multi GPU" reaches the multi-process runner (here two CPU processes, gloo) and gives
+def test_multi_gpu_runs_one_process_per_device(
+    make_widget, wait_job, registered_model, em_volume, monkeypatch
+):
+    """ "Multi GPU" reaches the multi-process runner (here two CPU processes, gloo) and gives
     the single-process result."""
     from panoptem._widgets import inference_3d
 
@@ -258,15 +374,17 @@ def test_multi_gpu_runs_one_process_per_device(make_widget, wait_job, registered
     vol = np.ascontiguousarray(em_volume[:8, :64, :80])
     viewer, w = make_widget()
     image = viewer.add_image(vol, name="mp")
-    job = wait_job(start(w, image_layer=image, multigpu=True, orthoplane=False, **FAST),
-                   timeout=SLOW_MS)
+    job = wait_job(
+        start(w, image_layer=image, multigpu=True, orthoplane=False, **FAST), timeout=SLOW_MS
+    )
     assert job.error is None and calls
     ref = headless(registered_model, vol, **FAST)
     np.testing.assert_array_equal(viewer.layers["mp-mito-prediction"].data, ref.classes["mito"])
 
 
-def test_multiscale_quantized_and_the_model_is_kept(make_widget, wait_job, small_config,
-                                                    small_model_file, em_volume, tmp_path):
+def test_multiscale_quantized_and_the_model_is_kept(
+    make_widget, wait_job, small_config, small_model_file, em_volume, tmp_path
+):
     """Level 0 of a multiscale image is segmented; "Use quantized model" loads the config's
     int8 file (here the float file stands in for it) once, and a second click reuses it."""
     import yaml
@@ -280,14 +398,25 @@ def test_multiscale_quantized_and_the_model_is_kept(make_widget, wait_job, small
     viewer, w = make_widget()
     image = viewer.add_image([vol, vol[:, ::2, ::2]], multiscale=True, name="ms")
     for _ in range(2):
-        job = wait_job(start(w, image_layer=image, model_config=name, use_quantized=True,
-                             orthoplane=False, min_size=20, min_extent=1), timeout=SLOW_MS)
+        job = wait_job(
+            start(
+                w,
+                image_layer=image,
+                model_config=name,
+                use_quantized=True,
+                orthoplane=False,
+                min_size=20,
+                min_extent=1,
+            ),
+            timeout=SLOW_MS,
+        )
         assert job.error is None
     assert [key[2] for key in loading._model_cache] == [True]  # the quantized slot, loaded once
     out = viewer.layers["ms-mito-prediction"].data
     assert out.shape == vol.shape
-    np.testing.assert_array_equal(out, headless(small_config, vol, min_size=20, min_extent=1)
-                                  .classes["mito"])
+    np.testing.assert_array_equal(
+        out, headless(small_config, vol, min_size=20, min_extent=1).classes["mito"]
+    )
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
@@ -296,5 +425,7 @@ def test_use_gpu_without_cuda_is_a_notification(make_widget, wait_job, notificat
     image = viewer.add_image(em_volume[:4, :32, :32])
     job = wait_job(start(w, image_layer=image, use_gpu=True, orthoplane=False))
     assert type(job.error).__name__ == "PanoptemError"
-    assert any(level == "error" and "CUDA is not available" in text for level, text in notifications)
+    assert any(
+        level == "error" and "CUDA is not available" in text for level, text in notifications
+    )
     assert len(viewer.layers) == 1

@@ -19,9 +19,15 @@ import yaml
 from panoptem import model_archive, registry
 
 WIDGETS = {
-    "register_model_widget": ("Register model",
-                              ["Model name", "Model config file", "Model file (optional)",
-                               "Quantized model file (optional)"]),
+    "register_model_widget": (
+        "Register model",
+        [
+            "Model name",
+            "Model config file",
+            "Model file (optional)",
+            "Quantized model file (optional)",
+        ],
+    ),
     "model_info_widget": ("Print info to terminal", ["Model name", "Model info"]),
     "export_model_widget": ("Export model", ["Model name", "Export path"]),
     "import_model_widget": ("Import model", ["New model name (no spaces)", "Model file"]),
@@ -60,8 +66,7 @@ def _texts(notifications, level: str) -> list[str]:
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """A local HTTP server for tmp_path/served (``.url``, ``.root``, ``.requests``)."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                "all_proxy"):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     root = tmp_path / "served"
@@ -122,12 +127,18 @@ def test_path_or_url_restores_urls():
     assert path_or_url(Path("/data/model.pth")) == "/data/model.pth"
 
 
-def test_register_local_files(viewer, wait_job, notifications, config_file, small_model_file,
-                              tmp_path):
+def test_register_local_files(
+    viewer, wait_job, notifications, config_file, small_model_file, tmp_path
+):
     widget = _make(viewer, "register_model_widget")
     quant = _copy(small_model_file, tmp_path / "q" / "mine_quantized.pth")
-    _set(widget, model_name="Mine", config_file=config_file, model_file=small_model_file,
-         model_quant_file=quant)
+    _set(
+        widget,
+        model_name="Mine",
+        config_file=config_file,
+        model_file=small_model_file,
+        model_quant_file=quant,
+    )
     job = wait_job(widget())
     assert job.error is None and job.result == ("Mine", [])
     config = registry.get_config("Mine")
@@ -140,13 +151,12 @@ def test_register_local_files(viewer, wait_job, notifications, config_file, smal
     job = wait_job(widget())
     assert job.result[0] == "MineNew"
     assert registry.get_config("MineNew")["model"] == str(small_model_file)
-    assert any("'MineNew' (the name 'Mine' was taken)" in t
-               for t in _texts(notifications, "info"))
+    assert any("'MineNew' (the name 'Mine' was taken)" in t for t in _texts(notifications, "info"))
 
 
-def test_register_url_is_downloaded_with_progress(viewer, wait_job, notifications, server,
-                                                  config_file, small_model_file,
-                                                  panoptem_home):
+def test_register_url_is_downloaded_with_progress(
+    viewer, wait_job, notifications, server, config_file, small_model_file, panoptem_home
+):
     _copy(small_model_file, server.root / "remote.pth")
     url = f"{server.url}/remote.pth?download=1"
     widget = _make(viewer, "register_model_widget")
@@ -219,8 +229,9 @@ def test_model_info_broken_config_is_a_notification(viewer, notifications, panop
     assert any("not valid YAML" in t for t in _texts(notifications, "error"))
 
 
-def test_export_then_import(viewer, wait_job, notifications, registered_model, tmp_path,
-                            small_model_file, panoptem_home):
+def test_export_then_import(
+    viewer, wait_job, notifications, registered_model, tmp_path, small_model_file, panoptem_home
+):
     export = _make(viewer, "export_model_widget")
     export.model_name.reset_choices()
     _set(export, model_name=registered_model, export_path=tmp_path / "exported")
@@ -241,15 +252,13 @@ def test_export_then_import(viewer, wait_job, notifications, registered_model, t
     copied = panoptem_home / "models" / "NewModelImported.pth"
     assert copied.read_bytes() == small_model_file.read_bytes()
     assert registry.get_config("NewModelImported")["model"] == str(copied)
-    assert any("Model imported as 'NewModelImported'" in t
-               for t in _texts(notifications, "info"))
+    assert any("Model imported as 'NewModelImported'" in t for t in _texts(notifications, "info"))
     # the other widgets' model lists see it
     export.model_name.reset_choices()
     assert "NewModelImported" in export.model_name.choices
 
 
-def test_import_errors_are_notifications(viewer, wait_job, notifications, tmp_path,
-                                         panoptem_home):
+def test_import_errors_are_notifications(viewer, wait_job, notifications, tmp_path, panoptem_home):
     imp = _make(viewer, "import_model_widget")
     assert imp() is None  # no file chosen
     assert any("Choose the .empanada file" in t for t in _texts(notifications, "error"))
@@ -263,8 +272,7 @@ def test_import_errors_are_notifications(viewer, wait_job, notifications, tmp_pa
     assert not any((panoptem_home / "models").glob("*"))
 
 
-def test_archive(viewer, notifications, tmp_path, small_model_file, small_config,
-                 panoptem_home):
+def test_archive(viewer, notifications, tmp_path, small_model_file, small_config, panoptem_home):
     model = _copy(small_model_file, tmp_path / "mine" / "mine.pth")  # never the shared file
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(yaml.safe_dump({**small_config, "model": str(model)}))

@@ -21,10 +21,18 @@ def cli_store(registered_model, em_volume, tmp_path):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     path = tmp_path / f"crop_{registered_model}.zarr"
     res = Engine3D(registered_model).segment(
-        vol, Params2D(), Params3D(min_size=50, min_extent=2, return_stacks=True,
-                                  chunk_size="4, 32, 32"), zarr_path=path)
-    return path, {name: np.asarray(arr[:]) for name, arr in
-                  {**res.classes, **{f"panoptic_{a}": s for a, s in res.stacks.items()}}.items()}
+        vol,
+        Params2D(),
+        Params3D(min_size=50, min_extent=2, return_stacks=True, chunk_size="4, 32, 32"),
+        zarr_path=path,
+    )
+    return path, {
+        name: np.asarray(arr[:])
+        for name, arr in {
+            **res.classes,
+            **{f"panoptic_{a}": s for a, s in res.stacks.items()},
+        }.items()
+    }
 
 
 def test_reader_gives_one_labels_layer_per_array(cli_store):
@@ -87,8 +95,12 @@ def test_reader_skips_unfinished_arrays_and_uses_recorded_names(tmp_path):
     g.create_array("nucleus", shape=(3, 4, 5), dtype="uint8")[:] = 1
     g.create_array("mito.partial", shape=(3, 4, 5), dtype="int32")
     g.create_array(".stack_xy", shape=(3, 4, 5), dtype="int32")
-    g.attrs["panoptem"] = {"image": "cells", "model": "y", "scale": [4, 2, 2],
-                           "translate": [1, 0, 0]}
+    g.attrs["panoptem"] = {
+        "image": "cells",
+        "model": "y",
+        "scale": [4, 2, 2],
+        "translate": [1, 0, 0],
+    }
     layers = get_reader(str(tmp_path / "x_y.zarr"))(str(tmp_path / "x_y.zarr"))
     assert len(layers) == 1
     data, kw, kind = layers[0]
@@ -97,8 +109,9 @@ def test_reader_skips_unfinished_arrays_and_uses_recorded_names(tmp_path):
     assert np.asarray(data).dtype == np.uint8
 
 
-@pytest.mark.parametrize("ids, dtype", [(200, np.uint8), (40_000, np.uint16),
-                                        (10_000 * 7 + 3, np.int32)])
+@pytest.mark.parametrize(
+    "ids, dtype", [(200, np.uint8), (40_000, np.uint16), (10_000 * 7 + 3, np.int32)]
+)
 def test_writer_portable_dtype_and_no_singleton_axes(tmp_path, ids, dtype):
     labels = np.zeros((1, 6, 7, 1), dtype=np.int64)
     labels[0, 2:4, 3:6, 0] = ids
@@ -145,7 +158,9 @@ def test_reader_opens_an_empanada_style_zarr_v2_store(tmp_path):
     g.create_array("mito", shape=mito.shape, dtype="int32", chunks=(2, 16, 16))[:] = mito
     g.create_array("panoptic_yz", shape=mito.shape, dtype="int32")[:] = mito * 10
     layers = get_reader(str(path))(str(path))
-    assert [kw["name"] for _, kw, _ in layers] == ["cells-panoptic-stack-yz",
-                                                  "cells-mito-prediction"]
+    assert [kw["name"] for _, kw, _ in layers] == [
+        "cells-panoptic-stack-yz",
+        "cells-mito-prediction",
+    ]
     np.testing.assert_array_equal(layers[1][0][:], mito)
     assert "scale" not in layers[1][1]
