@@ -10,13 +10,13 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import SHARED_DATA, SMALL_ARCH
 from panoptem import registry
 from panoptem.cli import main
 from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.training.export import export_checkpoint, load_checkpoint, quantize_registered
 from panoptem.training.train import CEM_WEIGHTS_URL, train_model
+from testutils import SHARED_DATA, SMALL_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
 LUCCHI = SHARED_DATA / "lucchi_pp" / "train"
@@ -52,8 +52,13 @@ def _config(tmp_path: Path, **train) -> Path:
         "model_name": "TinyMito",
         "DATASET": {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1]},
         "MODEL": {k: v for k, v in SMALL_ARCH.items()},
-        "TRAIN": {"encoder_pretraining": None, "iterations": 3, "patch_size": 64, "batch_size": 2,
-                  **train},
+        "TRAIN": {
+            "encoder_pretraining": None,
+            "iterations": 3,
+            "patch_size": 64,
+            "batch_size": 2,
+            **train,
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -67,9 +72,23 @@ def trained(tiny_dataset, tmp_path_factory):
     home = tmp / "home"
     mp = pytest.MonkeyPatch()
     mp.setenv("PANOPTEM_HOME", str(home))
-    rc = main(["train", "--config", str(_config(tmp)), "--train-dir", str(tiny_dataset),
-               "--eval-dir", str(tiny_dataset), "-o", str(tmp / "models"), "--quantize",
-               "--log", str(tmp / "log.jsonl"), "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(_config(tmp)),
+            "--train-dir",
+            str(tiny_dataset),
+            "--eval-dir",
+            str(tiny_dataset),
+            "-o",
+            str(tmp / "models"),
+            "--quantize",
+            "--log",
+            str(tmp / "log.jsonl"),
+            "--quiet",
+        ]
+    )
     yield {"rc": rc, "dir": tmp / "models", "home": home, "log": tmp / "log.jsonl"}
     mp.undo()
 
@@ -92,7 +111,9 @@ def test_cli_train_exports_registers_and_quantizes(trained, monkeypatch, capsys)
         assert labels.shape == image.shape and labels.dtype == np.int32
 
 
-def test_checkpoint_export_matches_and_quantize_updates_config(trained, monkeypatch, tiny_dataset, tmp_path):
+def test_checkpoint_export_matches_and_quantize_updates_config(
+    trained, monkeypatch, tiny_dataset, tmp_path
+):
     monkeypatch.setenv("PANOPTEM_HOME", str(trained["home"]))
     ckpt = trained["dir"] / "TinyMito_checkpoint.pth.tar"
     model, cfg = load_checkpoint(ckpt)
@@ -121,8 +142,11 @@ def test_checkpoint_export_matches_and_quantize_updates_config(trained, monkeypa
 
 def test_cem_weights_need_resnet50_and_say_where_offline(tiny_dataset, tmp_path, monkeypatch):
     with pytest.raises(PanoptemError, match="only for resnet50"):
-        train_model(_config(tmp_path, encoder_pretraining="cem"), train_dir=tiny_dataset,
-                    model_dir=tmp_path / "m")
+        train_model(
+            _config(tmp_path, encoder_pretraining="cem"),
+            train_dir=tiny_dataset,
+            model_dir=tmp_path / "m",
+        )
     monkeypatch.setenv("PANOPTEM_OFFLINE", "1")
     cfg = yaml.safe_load(_config(tmp_path, encoder_pretraining="cem").read_text())
     cfg["MODEL"]["encoder"] = "resnet50"
@@ -136,7 +160,93 @@ def test_train_config_errors(tiny_dataset, tmp_path):
     with pytest.raises(PanoptemError, match="training folder"):
         train_model(_config(tmp_path), model_dir=tmp_path / "m")
     with pytest.raises(PanoptemError, match="multiple of 16"):
-        train_model(_config(tmp_path), train_dir=tiny_dataset, model_dir=tmp_path / "m", patch_size=72)
+        train_model(
+            _config(tmp_path), train_dir=tiny_dataset, model_dir=tmp_path / "m", patch_size=72
+        )
     with pytest.raises(PanoptemError, match="encoder_pretraining"):
-        train_model(_config(tmp_path, encoder_pretraining="imagenet"), train_dir=tiny_dataset,
-                    model_dir=tmp_path / "m")
+        train_model(
+            _config(tmp_path, encoder_pretraining="imagenet"),
+            train_dir=tiny_dataset,
+            model_dir=tmp_path / "m",
+        )
+
+
+def test_cli_export_quantize_and_model_archives(
+    trained, monkeypatch, tiny_dataset, tmp_path, capsys
+):
+    monkeypatch.setenv("PANOPTEM_HOME", str(trained["home"]))
+    ckpt = str(trained["dir"] / "TinyMito_checkpoint.pth.tar")
+    assert main(["export", ckpt, "-o", str(tmp_path / "m"), "--name", "CliTiny"]) == 0
+    assert registry.get_config("CliTiny")["model_quantized"] is None
+    assert (
+        main(["quantize", "CliTiny", "--calibration-dir", str(tiny_dataset), "--checkpoint", ckpt])
+        == 0
+    )
+    assert Path(registry.get_config("CliTiny")["model_quantized"]).is_file()
+    assert "calibrating int8" in capsys.readouterr().err  # the text progress bar
+    model_bytes = Path(registry.get_config("CliTiny")["model"]).read_bytes()
+    archive = tmp_path / "CliTiny.empanada"
+    assert main(["models", "export", "CliTiny", str(archive)]) == 0 and archive.is_file()
+    assert main(["models", "archive", "CliTiny"]) == 0
+    assert "CliTiny" not in registry.list_models()
+    assert not (tmp_path / "m" / "CliTiny.pth").exists()  # archiving moves the files
+    assert main(["models", "import", str(archive), "--name", "CliTiny2"]) == 0
+    restored = registry.get_config("CliTiny2")
+    assert Path(restored["model"]).read_bytes() == model_bytes
+    assert Path(restored["model_quantized"]).is_file()
+    assert main(["models", "archive", "MitoNet_v1"]) == 2  # built-ins stay in the package
+    assert "built-in" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "quantize",
+                "CliTiny2",
+                "--calibration-dir",
+                str(tiny_dataset),
+                "--checkpoint",
+                str(tmp_path / "missing.pth.tar"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_finetune_with_custom_config(tiny_dataset, tmp_path, monkeypatch):
+    """The stage-2 recipe of the bundled model: finetune with a custom config (BASE: works)."""
+    from panoptem.training.finetune import finetune_model
+
+    cfg = yaml.safe_load(
+        (REPO / "custom_configs" / "bundled" / "panoptem_mito_small_stage2.yaml").read_text()
+    )
+    cfg["BASE"] = str(REPO / "custom_configs" / "custom_finetuning.yaml")
+    path = tmp_path / "stage2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = finetune_model(
+        "panoptem_mito_small",
+        tiny_dataset,
+        tmp_path / "ft",
+        name="Stage2",
+        iterations=2,
+        patch_size=64,
+        batch_size=2,
+        finetune_layer="all",
+        config=path,
+    )
+    assert (
+        out.name == "Stage2"
+        and registry.get_config("Stage2")["norms"]
+        == registry.get_config("panoptem_mito_small")["norms"]
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"TRAIN": {"augmentations": [{"aug": "Elastic"}]}}))
+    with pytest.raises(PanoptemError, match="Unknown augmentation"):
+        finetune_model(
+            "panoptem_mito_small",
+            tiny_dataset,
+            tmp_path / "ft",
+            name="Bad",
+            iterations=2,
+            patch_size=64,
+            batch_size=2,
+            config=bad,
+        )

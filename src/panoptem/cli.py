@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--model", dest="model_file", help="TorchScript .pth file or URL")
     reg.add_argument("--quantized-model", help="quantized TorchScript .pth file or URL")
 
+    mexp = msub.add_parser("export", help="write a registered model into one .empanada archive file")
+    mexp.add_argument("name", help="model to export")
+    mexp.add_argument("output", help="archive file (.empanada) or folder")
+    mexp.add_argument("--overwrite", action="store_true", help="replace an existing archive file")
+    mimp = msub.add_parser("import", help="register the model inside a .empanada archive")
+    mimp.add_argument("archive", help="the .empanada file (panoptem's or the original's)")
+    mimp.add_argument("--name", help="name to register under (default: the archive's)")
+    march = msub.add_parser("archive", help="move a user model out of the list into <home>/archived/")
+    march.add_argument("name", help="user-registered model to archive")
+
     seg = sub.add_parser("segment", help="segment 2D images (a file, a stack or a folder)")
     seg.add_argument("image", help="a .tif/.png/.jpg/.npy image, a (N, H, W) stack, or a folder of images")
     seg.add_argument("-o", "--output", required=True,
@@ -128,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--finetune-layer", default="none",
                     choices=["none", "stage4", "stage3", "stage2", "stage1", "all"],
                     help="Finetunable layers (default %(default)s)")
+    ft.add_argument("--config", help="custom finetuning YAML (augmentations, schedule; see "
+                    "custom_configs/custom_finetuning.yaml)")
+    ft.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     ft.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -146,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log", help="JSON-lines file for the loss and validation metrics")
     tr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("export", help="export a training checkpoint as a registered TorchScript model")
+    exp.add_argument("checkpoint", help="<name>_checkpoint.pth.tar written by panoptem train")
+    exp.add_argument("-o", "--model-dir", required=True, help="folder for the .pth and .yaml")
+    exp.add_argument("--name", help="model name (default: the training config's model_name)")
+    exp.add_argument("--quantize", action="store_true", help="also write the int8 CPU model")
+    exp.add_argument("--calibration-dir", help="training images (dataset layout) to calibrate int8 on")
+
+    qz = sub.add_parser("quantize", help="add an int8 CPU version to a registered model")
+    qz.add_argument("name", help="user-registered model")
+    qz.add_argument("--calibration-dir", required=True, help="training images (dataset layout)")
+    src = qz.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="the model's training checkpoint (.pth.tar)")
+    src.add_argument("--arch-config", help="training config that built the model (its MODEL section); "
+                     "the weights are read from the registered TorchScript file")
 
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
@@ -176,12 +204,61 @@ def _cmd_models(args) -> int:
 
     if args.models_command == "info":
         print(registry.model_info(args.name).summary())
+    elif args.models_command in ("export", "import"):
+        from panoptem import model_archive
+        from panoptem.progress import TextProgress
+
+        progress = TextProgress()
+        try:
+            if args.models_command == "export":
+                path = model_archive.export_model(args.name, args.output, progress=progress,
+                                                  overwrite=args.overwrite)
+                message = f"exported '{args.name}' to {path}"
+            else:
+                name = model_archive.import_model(args.archive, args.name, progress=progress)
+                message = f"imported and registered '{name}'"
+        finally:
+            progress.close()
+        print(message)
+    elif args.models_command == "archive":
+        from panoptem import model_archive
+
+        print(f"archived '{args.name}' in {model_archive.archive_model(args.name)}")
     elif args.models_command == "register":
         name = registry.register_model(args.name, args.config, args.model_file, args.quantized_model)
         print(f"registered '{name}' in {registry.config_dir() / (name + '.yaml')}")
     else:
         for name in registry.list_models():
             print(name)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from panoptem.progress import TextProgress
+    from panoptem.training.export import export_checkpoint
+
+    progress = TextProgress()
+    try:
+        out = export_checkpoint(args.checkpoint, args.model_dir, name=args.name,
+                                quantize=args.quantize, calibration_dir=args.calibration_dir,
+                                progress=progress)
+    finally:
+        progress.close()
+    print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from panoptem.progress import TextProgress
+    from panoptem.training.export import quantize_registered
+
+    progress = TextProgress()
+    try:
+        out = quantize_registered(args.name, args.calibration_dir, checkpoint=args.checkpoint,
+                                  arch_config=args.arch_config, progress=progress)
+    finally:
+        progress.close()
+    print(f"'{args.name}' now has an int8 model: {out}")
     return 0
 
 
@@ -307,7 +384,8 @@ def _cmd_finetune(args) -> int:
         out = finetune_model(args.model, args.train_dir, args.model_dir, name=args.name,
                              iterations=args.iterations, patch_size=args.patch_size,
                              finetune_layer=args.finetune_layer, batch_size=args.batch_size,
-                             device=args.device, progress=progress)
+                             device=args.device, seed=args.seed, config=args.config,
+                             progress=progress)
     finally:
         progress.close()
     print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
@@ -349,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
                 "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "train": _cmd_train,
+                "export": _cmd_export, "quantize": _cmd_quantize,
                 "demo": _cmd_demo}
     try:
         return commands[args.command](args)

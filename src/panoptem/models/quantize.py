@@ -27,6 +27,7 @@ from torch import nn
 
 from panoptem.errors import PanoptemError
 from panoptem.models.export import _JIT_DEPRECATION, script_model
+from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["quantize_model", "calibration_tensors", "save_quantized", "model_from_torchscript"]
 
@@ -84,7 +85,7 @@ def calibration_tensors(images: Iterable[np.ndarray], norms: dict, size: int = 5
 
 
 def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
-                   already_fused: bool = False) -> torch.jit.ScriptModule:
+                   already_fused: bool = False, progress: Progress | None = None) -> torch.jit.ScriptModule:
     """Return a scripted copy of ``model`` whose encoder runs in int8.
 
     Parameters
@@ -109,8 +110,12 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
             work.fuse_model()  # folds BN where the float export does
         prepared = prepare_fx(work.encoder, get_default_qconfig_mapping(backend), (example,))
         work.encoder = prepared
+        progress = ensure_progress(progress)
+        progress.stage("calibrating int8", len(calibration))
         for x in calibration:
+            progress.check()
             work(x, 2, True)
+            progress.advance()
         converted = convert_fx(prepared)
         work.encoder = torch.jit.trace(converted, example, strict=False, check_trace=False)
         return script_model(work)

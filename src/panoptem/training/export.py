@@ -19,6 +19,7 @@ from panoptem import registry
 from panoptem.errors import PanoptemError
 from panoptem.models import export_torchscript
 from panoptem.models.export import _JIT_DEPRECATION
+from panoptem.progress import Progress
 
 __all__ = ["ExportedModel", "padding_factor_for", "export_trained_model", "load_checkpoint",
            "export_checkpoint", "quantize_registered"]
@@ -133,18 +134,25 @@ def _classes(cfg: dict) -> dict:
             "thing_list": [int(c) for c in (d.get("thing_list") or labels)], "norms": d["norms"]}
 
 
-def _calibration(model_cfg: dict, norms: dict, calibration_dir, limit: int = 16):
-    from panoptem.models.quantize import calibration_tensors
-    from panoptem.training.datasets import find_pairs, read_image_8bit
+def _calibration(model_cfg: dict, norms: dict, calibration_dir):
+    from panoptem.training.datasets import find_pairs
 
-    pairs = find_pairs(calibration_dir)
+    return calibration_from_pairs(model_cfg, norms, find_pairs(calibration_dir))
+
+
+def calibration_from_pairs(model_cfg: dict, norms: dict, pairs: list, limit: int = 16) -> list:
+    """Up to ``limit`` normalised training images (spread over ``pairs``) to calibrate int8 on."""
+    from panoptem.models.quantize import calibration_tensors
+    from panoptem.training.datasets import read_image_8bit
+
     step = max(1, len(pairs) // limit)  # spread over the sources, not the first folder only
     images = (read_image_8bit(p[0]) for p in pairs[::step])
     return calibration_tensors(images, norms, multiple=padding_factor_for(model_cfg["arch"]), limit=limit)
 
 
 def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantize: bool = False,
-                      calibration_dir=None, description: str = "") -> ExportedModel:
+                      calibration_dir=None, description: str = "",
+                      progress: Progress | None = None) -> ExportedModel:
     """Export a training checkpoint as a registered TorchScript model (``panoptem export``).
 
     With ``quantize`` the int8 version, calibrated on the images of ``calibration_dir``
@@ -158,14 +166,16 @@ def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantiz
             raise PanoptemError("Quantizing needs calibration images: give the training folder.")
         from panoptem.models.quantize import quantize_model
 
-        quantized = quantize_model(model, _calibration(cfg["MODEL"], keys["norms"], calibration_dir))
+        quantized = quantize_model(model, _calibration(cfg["MODEL"], keys["norms"], calibration_dir),
+                                   progress=progress)
     name = name or cfg.get("model_name") or Path(checkpoint).name.split("_checkpoint")[0]
     return export_trained_model(model, name, model_dir, arch=cfg["MODEL"]["arch"],
                                 description=description or cfg.get("description") or "",
                                 quantized=quantized, **keys)
 
 
-def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_config=None) -> Path:
+def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_config=None,
+                        progress: Progress | None = None) -> Path:
     """Add an int8 version to the user-registered model ``name`` (``panoptem quantize``).
 
     The float weights come from the model's training ``checkpoint`` or, for a TorchScript
@@ -200,7 +210,7 @@ def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_con
                                 "its checkpoint instead.")
         model = model_from_torchscript(model_path, arch)
     module = quantize_model(model, _calibration(arch, registered["norms"], calibration_dir),
-                            already_fused=checkpoint is None)
+                            already_fused=checkpoint is None, progress=progress)
     folder = model_path.parent if model_path.is_file() else cfg_path.parent
     out = folder / f"{name}_quantized.pth"
     save_quantized(module, out)

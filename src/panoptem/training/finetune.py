@@ -16,7 +16,8 @@ from panoptem import registry
 from panoptem.errors import PanoptemError
 from panoptem.models.export import _JIT_DEPRECATION
 from panoptem.progress import Progress
-from panoptem.training.augment import default_augmentations
+from panoptem.training.augment import augmentations_from_config, default_augmentations
+from panoptem.training.config import load_training_config
 from panoptem.training.datasets import SingleClassInstanceDataset
 from panoptem.training.export import ExportedModel, export_trained_model
 from panoptem.training.loop import train
@@ -26,7 +27,7 @@ __all__ = ["finetune_model"]
 
 def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "FinetunedModel",
                    iterations: int = 100, patch_size: int = 256, finetune_layer: str = "none",
-                   batch_size: int = 16, device="cpu", seed: int = 0,
+                   batch_size: int = 16, device="cpu", seed: int = 0, config=None,
                    progress: Progress | None = None) -> ExportedModel:
     """Finetune ``model_name`` on ``train_dir`` and register the result as ``name``.
 
@@ -36,6 +37,11 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
     model_dir : where ``<name>.pth`` and ``<name>.yaml`` are written.
     iterations, patch_size, finetune_layer : the widget's "Iterations", "Patch size" and
         "Finetunable layers".
+    config : the widget's "Custom config": a finetuning YAML (see
+        ``custom_configs/custom_finetuning.yaml``; ``BASE:`` works) or its dict, whose
+        ``TRAIN`` section may set the augmentations, ``schedule_params`` (max_lr,
+        pct_start), ``optimizer_params`` (weight_decay), ``dataset_params``
+        (weight_gamma) and ``criterion_params``; the arguments above keep precedence.
     """
     if patch_size % 16 or patch_size < 16:
         raise PanoptemError(f"Patch size must be a multiple of 16; got {patch_size}.")
@@ -51,11 +57,20 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
     except RuntimeError as err:
         raise PanoptemError(f"{path} is not a TorchScript model ({err}); download or export it again.") from None
     finetune_cfg = cfg.get("FINETUNE", {})
-    gamma = finetune_cfg.get("dataset_params", {}).get("weight_gamma", 0.7)
-    dataset = SingleClassInstanceDataset(train_dir, transforms=default_augmentations(patch_size, seed),
-                                         norms=cfg["norms"], weight_gamma=gamma, seed=seed)
+    custom = {}
+    if config is not None:
+        custom = (config if isinstance(config, dict) else load_training_config(config)).get("TRAIN") or {}
+    gamma = (custom.get("dataset_params") or finetune_cfg.get("dataset_params") or {}).get("weight_gamma", 0.7)
+    transforms = (augmentations_from_config(custom["augmentations"], patch_size, seed)
+                  if custom.get("augmentations") else default_augmentations(patch_size, seed))
+    schedule = custom.get("schedule_params") or {}
+    dataset = SingleClassInstanceDataset(train_dir, transforms=transforms, norms=cfg["norms"],
+                                         weight_gamma=gamma, seed=seed)
     train(module, dataset, iterations=iterations, batch_size=batch_size, device=device, seed=seed,
-          finetune_layer=finetune_layer, criterion_params=finetune_cfg.get("criterion_params"),
+          max_lr=float(schedule.get("max_lr") or 0.003), pct_start=float(schedule.get("pct_start") or 0.3),
+          weight_decay=float((custom.get("optimizer_params") or {}).get("weight_decay", 0.1)),
+          finetune_layer=finetune_layer,
+          criterion_params=custom.get("criterion_params") or finetune_cfg.get("criterion_params"),
           progress=progress)
     return export_trained_model(
         module, name, model_dir, arch="finetuned", class_names=cfg["class_names"],

@@ -38,7 +38,7 @@ from panoptem.training.datasets import (
     read_image_8bit,
     read_mask,
 )
-from panoptem.training.export import ExportedModel, export_trained_model
+from panoptem.training.export import ExportedModel, calibration_from_pairs, export_trained_model
 from panoptem.training.loop import save_checkpoint, train
 
 __all__ = ["CEM_WEIGHTS_URL", "TrainedModel", "train_model", "validation_metrics"]
@@ -219,11 +219,9 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     save_checkpoint(model_dir / f"{name}_checkpoint.pth.tar", model, cfg, norms, iterations)
     quantized = None
     if quantize:
-        from panoptem.models.quantize import calibration_tensors, quantize_model
+        from panoptem.models.quantize import quantize_model
 
-        step = max(1, len(pairs) // 16)
-        images = (read_image_8bit(p[0]) for p in pairs[::step])
-        quantized = quantize_model(model, calibration_tensors(images, norms, multiple=padding_factor_for(arch)))
+        quantized = quantize_model(model, calibration_from_pairs(mcfg, norms, pairs), progress=prog)
     exported = export_trained_model(model, name, model_dir, arch=arch, class_names=class_names,
                                     labels=labels, thing_list=thing_list, norms=norms,
                                     description=description, quantized=quantized)
