@@ -33,7 +33,7 @@ def test_bundled_model_segments_the_sample():
     assert metrics.f1 >= 0.8 and metrics.fg_iou >= 0.8
 
 
-def test_int8_model_agrees_with_float_on_a_real_image(lucchi_image):  # noqa: F811
+def test_int8_model_agrees_with_float_on_a_real_image(lucchi_image):
     image = lucchi_image[:512, :768]
     float_labels = Engine2D(DEMO_MODEL).segment(image, Params2D())
     engine = Engine2D(DEMO_MODEL, quantized=True)
