@@ -367,6 +367,30 @@ def test_register_url_checks_syntax_only(tmp_path, home):
         registry.register_model("Bad", cfg, model="https://example.invalid/")
 
 
+def test_register_replacing_a_file_drops_its_checksum(tmp_path, tiny_pth):
+    url = "https://example.invalid/files/remote.pth"
+    cfg = _write_yaml(
+        tmp_path / "mine.yaml",
+        _config(
+            model=url,
+            model_hash="sha256:" + "0" * 64,
+            model_quantized=url,
+            model_quantized_hash="sha256:" + "1" * 64,
+        ),
+    )
+    kept = registry.get_config(registry.register_model("Same", cfg, model=url, quantized_model=url))
+    assert kept["model_hash"] == "sha256:" + "0" * 64
+    assert kept["model_quantized_hash"] == "sha256:" + "1" * 64
+    other = tmp_path / "other.pth"
+    other.write_bytes(tiny_pth.read_bytes())
+    replaced = registry.get_config(
+        registry.register_model("Other", cfg, model=other, quantized_model=other)
+    )
+    # the old checksums belonged to the replaced files: keeping them would refuse the new ones
+    assert "model_hash" not in replaced and "model_quantized_hash" not in replaced
+    assert registry.load_model(replaced).path == other.absolute()
+
+
 def test_register_drops_missing_quantized_with_warning(tmp_path, tiny_pth):
     cfg = _write_yaml(
         tmp_path / "mine.yaml", _config(model=str(tiny_pth), model_quantized="gone.pth")

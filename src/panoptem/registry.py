@@ -330,13 +330,17 @@ def register_model(
     here = (config_path.parent.absolute(), Path.cwd())
 
     if model is not None and str(model).strip():
-        config["model"] = _model_source(model, "Model file", (Path.cwd(),))
+        source = _model_source(model, "Model file", (Path.cwd(),))
+        if source != config.get("model"):
+            config.pop("model_hash", None)  # the checksum belonged to the file being replaced
+        config["model"] = source
     elif isinstance(config.get("model"), str) and config["model"].strip():
         config["model"] = _model_source(config["model"], f"'model' in {config_path}", here)
     if quantized_model is not None and str(quantized_model).strip():
-        config["model_quantized"] = _model_source(
-            quantized_model, "Quantized model file", (Path.cwd(),)
-        )
+        source = _model_source(quantized_model, "Quantized model file", (Path.cwd(),))
+        if source != config.get("model_quantized"):
+            config.pop("model_quantized_hash", None)
+        config["model_quantized"] = source
     elif isinstance(config.get("model_quantized"), str) and config["model_quantized"].strip():
         try:
             config["model_quantized"] = _model_source(
