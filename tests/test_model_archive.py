@@ -21,6 +21,7 @@ import yaml
 from panoptem import model_archive, registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
+from testutils import model_config
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
@@ -48,22 +49,6 @@ FINETUNE = {
         "void_label": 0,
     },
 }
-
-
-def model_config(model_path, **extra) -> dict:
-    """A registry config for ``model_path`` (as tests/conftest.py's, importable anywhere)."""
-    cfg = {
-        "class_names": {1: "mito"},
-        "labels": [1],
-        "thing_list": [1],
-        "model": str(model_path),
-        "model_quantized": None,
-        "padding_factor": 16,
-        "norms": {"mean": 0.57571, "std": 0.12765},
-        "description": "small test model",
-    }
-    cfg.update(extra)
-    return cfg
 
 
 class Tiny(torch.nn.Module):

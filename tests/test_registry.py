@@ -389,6 +389,11 @@ def test_register_replacing_a_file_drops_its_checksum(tmp_path, tiny_pth):
     # the old checksums belonged to the replaced files: keeping them would refuse the new ones
     assert "model_hash" not in replaced and "model_quantized_hash" not in replaced
     assert registry.load_model(replaced).path == other.absolute()
+    # a local copy of the very file the checksum is of keeps it (e.g. an imported model)
+    good = _sha256(other)
+    cfg2 = _write_yaml(tmp_path / "copy.yaml", _config(model=url, model_hash=good))
+    copied = registry.get_config(registry.register_model("Copy", cfg2, model=other))
+    assert copied["model_hash"] == good and copied["model"] == str(other.absolute())
 
 
 def test_register_drops_missing_quantized_with_warning(tmp_path, tiny_pth):

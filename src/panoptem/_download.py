@@ -31,6 +31,7 @@ __all__ = [
     "offline",
     "cache_name",
     "check_hash_spec",
+    "file_matches",
     "download_cached",
 ]
 
@@ -117,7 +118,7 @@ def check_hash_spec(known_hash: str) -> str:
     return alg
 
 
-def _file_matches(path: Path, known_hash: str) -> tuple[bool, str]:
+def file_matches(path: Path, known_hash: str) -> tuple[bool, str]:
     """(matches, actual digest) for ``path``; remembers verified files for this process."""
     import pooch
 
@@ -226,7 +227,7 @@ def download_cached(
     if target.is_file():
         if known_hash is None:
             return target
-        ok, actual = _file_matches(target, known_hash)
+        ok, actual = file_matches(target, known_hash)
         if ok:
             return target
         stale = f"The cached file {target} has checksum {actual}, not the expected {known_hash}"

@@ -275,6 +275,24 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _drop_stale_hash(config: dict, key: str, source: str) -> None:
+    """Forget ``<key>_hash`` when ``source`` replaces the file it was the checksum of.
+
+    The checksum stays when the source is the same, or is a local file with that checksum
+    (e.g. an imported copy of the downloaded file); a different URL or file drops it.
+    """
+    known = config.get(f"{key}_hash")
+    if not known or source == config.get(key):
+        return
+    if not _download.is_url(source) and Path(source).is_file():
+        try:
+            if _download.file_matches(Path(source), str(known))[0]:
+                return
+        except PanoptemError:  # a malformed checksum belongs to no file
+            pass
+    config.pop(f"{key}_hash", None)
+
+
 def register_model(
     name: str,
     config_path: str | os.PathLike,
@@ -331,15 +349,13 @@ def register_model(
 
     if model is not None and str(model).strip():
         source = _model_source(model, "Model file", (Path.cwd(),))
-        if source != config.get("model"):
-            config.pop("model_hash", None)  # the checksum belonged to the file being replaced
+        _drop_stale_hash(config, "model", source)
         config["model"] = source
     elif isinstance(config.get("model"), str) and config["model"].strip():
         config["model"] = _model_source(config["model"], f"'model' in {config_path}", here)
     if quantized_model is not None and str(quantized_model).strip():
         source = _model_source(quantized_model, "Quantized model file", (Path.cwd(),))
-        if source != config.get("model_quantized"):
-            config.pop("model_quantized_hash", None)
+        _drop_stale_hash(config, "model_quantized", source)
         config["model_quantized"] = source
     elif isinstance(config.get("model_quantized"), str) and config["model_quantized"].strip():
         try:
