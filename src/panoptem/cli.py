@@ -208,8 +208,7 @@ def _cmd_models(args) -> int:
         from panoptem import model_archive
         from panoptem.progress import TextProgress
 
-        progress = TextProgress()
-        try:
+        with TextProgress() as progress:
             if args.models_command == "export":
                 path = model_archive.export_model(args.name, args.output, progress=progress,
                                                   overwrite=args.overwrite)
@@ -217,8 +216,6 @@ def _cmd_models(args) -> int:
             else:
                 name = model_archive.import_model(args.archive, args.name, progress=progress)
                 message = f"imported and registered '{name}'"
-        finally:
-            progress.close()
         print(message)
     elif args.models_command == "archive":
         from panoptem import model_archive
@@ -237,13 +234,10 @@ def _cmd_export(args) -> int:
     from panoptem.progress import TextProgress
     from panoptem.training.export import export_checkpoint
 
-    progress = TextProgress()
-    try:
+    with TextProgress() as progress:
         out = export_checkpoint(args.checkpoint, args.model_dir, name=args.name,
                                 quantize=args.quantize, calibration_dir=args.calibration_dir,
                                 progress=progress)
-    finally:
-        progress.close()
     print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
     return 0
 
@@ -252,12 +246,9 @@ def _cmd_quantize(args) -> int:
     from panoptem.progress import TextProgress
     from panoptem.training.export import quantize_registered
 
-    progress = TextProgress()
-    try:
+    with TextProgress() as progress:
         out = quantize_registered(args.name, args.calibration_dir, checkpoint=args.checkpoint,
                                   arch_config=args.arch_config, progress=progress)
-    finally:
-        progress.close()
     print(f"'{args.name}' now has an int8 model: {out}")
     return 0
 
@@ -282,8 +273,7 @@ def _cmd_segment(args) -> int:
         jobs = [(src, out)]
     roi = read_image(args.roi) if args.roi else None
     engine = Engine2D(args.model, device=args.device, quantized=args.quantized)
-    progress = TextProgress(disable=args.quiet)
-    try:
+    with TextProgress(disable=args.quiet) as progress:
         if len(jobs) > 1:
             progress.stage("images", len(jobs))
         for image_path, out_path in jobs:
@@ -298,8 +288,6 @@ def _cmd_segment(args) -> int:
             print(f"{image_path.name}: {n} labels in {time.perf_counter() - t0:.1f} s -> {out_path}")
             if len(jobs) > 1:
                 progress.advance()
-    finally:
-        progress.close()
     return 0
 
 
@@ -338,9 +326,8 @@ def _cmd_segment3d(args) -> int:
                   permit_one_stack=args.permit_one_stack, chunk_size=args.chunk_size).validated()
     volume = _read_volume(Path(args.volume))
     zarr_path = out if out.suffix.lower() == ".zarr" else None
-    progress = TextProgress(disable=args.quiet)
     t0 = time.perf_counter()
-    try:
+    with TextProgress(disable=args.quiet) as progress:
         if args.devices:
             from panoptem.inference.distributed import segment_volume_distributed
 
@@ -350,8 +337,6 @@ def _cmd_segment3d(args) -> int:
         else:
             engine = Engine3D(args.model, device=args.device, quantized=args.quantized)
             result = engine.segment(volume, p2, p3, zarr_path=zarr_path, progress=progress)
-    finally:
-        progress.close()
     arrays = {**result.classes, **{f"panoptic_{ax}": a for ax, a in result.stacks.items()}}
     for name, arr in arrays.items():
         if zarr_path is not None:  # already on disk; not loaded back into memory
@@ -379,15 +364,12 @@ def _cmd_finetune(args) -> int:
     from panoptem.progress import TextProgress
     from panoptem.training.finetune import finetune_model
 
-    progress = TextProgress(disable=args.quiet)
-    try:
+    with TextProgress(disable=args.quiet) as progress:
         out = finetune_model(args.model, args.train_dir, args.model_dir, name=args.name,
                              iterations=args.iterations, patch_size=args.patch_size,
                              finetune_layer=args.finetune_layer, batch_size=args.batch_size,
                              device=args.device, seed=args.seed, config=args.config,
                              progress=progress)
-    finally:
-        progress.close()
     print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
     return 0
 
@@ -396,15 +378,12 @@ def _cmd_train(args) -> int:
     from panoptem.progress import TextProgress
     from panoptem.training.train import train_model
 
-    progress = TextProgress(disable=args.quiet)
-    try:
+    with TextProgress(disable=args.quiet) as progress:
         out = train_model(args.config, train_dir=args.train_dir, model_dir=args.model_dir,
                           name=args.name, iterations=args.iterations, patch_size=args.patch_size,
                           batch_size=args.batch_size, eval_dir=args.eval_dir, device=args.device,
                           seed=args.seed, quantize=args.quantize, log_path=args.log,
                           progress=progress)
-    finally:
-        progress.close()
     for ev in out.evaluations:
         print(f"validation at {ev['iteration']}: IoU {ev['iou']:.3f}  F1@0.5 {ev['f1']:.3f}  PQ {ev['pq']:.3f}")
     print(f"trained in {out.seconds / 60:.1f} min; registered '{out.exported.name}': "

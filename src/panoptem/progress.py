@@ -55,6 +55,12 @@ class Progress:
         """The job finished or stopped; release any display."""
         self.on_close()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- called by the user / GUI ----------------------------------------------------
     def cancel(self) -> None:
         """Ask the job to stop at its next step."""
