@@ -231,6 +231,16 @@ def test_evaluate_command(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.tif"), "--json"]) == 0
     import json
 
-    m = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    m = json.loads(out.out)
     assert m["tp"] == 1 and m["fn"] == 1 and m["f1"] == pytest.approx(2 / 3)
+    assert "evaluating" in out.err  # the text progress bar goes to stderr, not into the JSON
+    stack = np.stack([pred, pred, np.zeros_like(pred)])
+    tifffile.imwrite(tmp_path / "pred3.tif", stack)
+    tifffile.imwrite(tmp_path / "gt3.tif", np.stack([gt, gt, gt]))
+    args = ["evaluate", str(tmp_path / "pred3.tif"), str(tmp_path / "gt3.tif"), "--per-slice"]
+    assert main([*args, "--json", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tp"] == 2 and "evaluating" not in out.err
+    assert main(args) == 0 and "evaluating slices" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "nope.tif")]) == 2

@@ -307,3 +307,18 @@ def test_lucchi_mask_against_itself_and_eroded(lucchi_mask, tmp_path):
     assert m.fg_iou < 1.0
     assert m.tp == int(np.sum(kept >= 0.5)) == n - 1
     assert m.fn == 1 and m.f1 < 1.0
+
+
+def test_progress_counts_slices_and_cancel_stops():
+    from panoptem.errors import Cancelled
+    from panoptem.progress import CallbackProgress
+
+    seen = []
+    gt = np.zeros((3, 20, 20), np.uint8)
+    gt[:, 2:8, 2:8] = 1
+    m = evaluate(gt, gt, per_slice=True, progress=CallbackProgress(lambda *a: seen.append(a)))
+    assert m.tp == 3 and seen[-1] == ("evaluating slices", 3, 3)
+    stop = CallbackProgress(lambda *a: None)
+    stop.cancel()
+    with pytest.raises(Cancelled):
+        evaluate(gt, gt, progress=stop)

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--per-slice", action="store_true", help="a (N, H, W) stack of 2D images, not a volume")
     ev.add_argument("--iou-thr", type=float, default=0.5, help="IoU for a match (default %(default)s)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ft = sub.add_parser("finetune", help="finetune a registered model on a dataset folder")
     ft.add_argument("train_dir", help="dataset folder: <dir>/<source>/images|masks/<same name>")
@@ -354,8 +355,11 @@ def _cmd_evaluate(args) -> int:
     import json
 
     from panoptem.evaluation import evaluate_files
+    from panoptem.progress import TextProgress
 
-    metrics = evaluate_files(args.pred, args.gt, per_slice=args.per_slice, iou_thr=args.iou_thr)
+    with TextProgress(disable=args.quiet) as progress:
+        metrics = evaluate_files(args.pred, args.gt, per_slice=args.per_slice,
+                                 iou_thr=args.iou_thr, progress=progress)
     print(json.dumps(metrics.as_dict()) if args.json else metrics.summary())
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from panoptem.errors import PanoptemError
+from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["Metrics", "evaluate", "evaluate_files", "mask_from_file_array"]
 
@@ -329,6 +330,7 @@ def evaluate(
     iou_thr: float = 0.5,
     connectivity: int | None = None,
     per_slice: bool = False,
+    progress: Progress | None = None,
 ) -> Metrics:
     """Compare a predicted segmentation with ground truth.
 
@@ -358,6 +360,9 @@ def evaluate(
         foreground pixel counts over all slices, with each slice's own metrics in
         ``Metrics.slices``. A 2D input is then one slice. Without it a 3D array is a volume
         whose objects extend in 3D.
+    progress : Progress, optional
+        Told one step per slice (``per_slice``), else one step each for the ground truth's
+        objects, the prediction's objects and the matching; cancelling stops between steps.
 
     Returns
     -------
@@ -397,6 +402,7 @@ def evaluate(
     if not 0.0 < iou_thr <= 1.0:
         raise PanoptemError(f"iou_thr={iou_thr} is outside (0, 1]; use e.g. 0.5.")
 
+    progress = ensure_progress(progress)
     g_bin = _is_binary(gt) if gt_is_binary is None else bool(gt_is_binary)
     p_bin = _is_binary(pred) if pred_is_binary is None else bool(pred_is_binary)
 
@@ -405,10 +411,12 @@ def evaluate(
         if pred.ndim == 2:
             pred, gt = pred[None], gt[None]
         per = []
+        progress.stage("evaluating slices", len(pred))
         for ps, gs in zip(pred, gt, strict=True):
             g, ng = _instances(gs, g_bin, conn)
             p, npred = _instances(ps, p_bin, conn)
             per.append(_evaluate_labelled(g, ng, p, npred, iou_thr))
+            progress.advance()
         return _from_counts(
             sum(m.tp for m in per),
             sum(m.fp for m in per),
@@ -421,9 +429,14 @@ def evaluate(
         )
 
     conn = _check_connectivity(connectivity, pred.ndim)
+    progress.stage("evaluating", 3)
     g, ng = _instances(gt, g_bin, conn)
+    progress.advance()
     p, npred = _instances(pred, p_bin, conn)
-    return _evaluate_labelled(g, ng, p, npred, iou_thr)
+    progress.advance()
+    metrics = _evaluate_labelled(g, ng, p, npred, iou_thr)
+    progress.advance()
+    return metrics
 
 
 def mask_from_file_array(arr: np.ndarray, path: str | Path = "image") -> np.ndarray:
