@@ -335,3 +335,183 @@ def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lu
     assert tiles and tiles[-1][1] == tiles[-1][2] > 1  # determinate: n of N tiles
     assert len(ticks) > 5  # the event loop kept running while the model ran
     assert "empanada_seg_2d" in viewer.layers
+
+
+def test_fields_labels_defaults_and_button(make_napari_viewer, registered_model):
+    """Labels, defaults, ranges and the button text are the original's (reference §5)."""
+    from panoptem._widgets.inference_2d import inference_2d_widget
+
+    viewer = make_napari_viewer()
+    w = inference_2d_widget(viewer)
+    assert w._call_button.text == "Run 2D Inference"
+    assert registered_model in w.model_config.choices
+    labels = {
+        "model_config": "Model",
+        "downsampling": "Image Downsampling",
+        "confidence_thr": "Segmentation Confidence Thr",
+        "center_confidence_thr": "Center Confidence Thr",
+        "min_distance_object_centers": "Centers Min Distance",
+        "maximum_objects_per_class": "Max objects per class",
+        "tile_size": "Tile size",
+    }
+    assert {name: getattr(w, name).label for name in labels} == labels
+    texts = {
+        "fine_boundaries": "Fine boundaries",
+        "semantic_only": "Semantic only",
+        "fill_holes_in_segmentation": "Fill holes in segmentation",
+        "batch_mode": "Batch mode",
+        "use_gpu": "Use GPU",
+        "use_quantized": "Use quantized model",
+        "viewport": "Confine to viewport",
+        "confine_to_roi": "Confine to ROI",
+        "output_to_layer": "Output to layer",
+    }
+    assert {name: getattr(w, name).text for name in texts} == texts
+    defaults = {
+        "downsampling": 1,
+        "confidence_thr": 0.5,
+        "center_confidence_thr": 0.1,
+        "min_distance_object_centers": 3,
+        "fine_boundaries": False,
+        "semantic_only": False,
+        "fill_holes_in_segmentation": False,
+        "maximum_objects_per_class": "10000",
+        "tile_size": 0,
+        "batch_mode": False,
+        "viewport": False,
+        "confine_to_roi": False,
+        "output_to_layer": False,
+    }
+    assert {name: getattr(w, name).value for name in defaults} == defaults
+    assert list(w.downsampling.choices) == [1, 2, 4, 8, 16, 32, 64]
+    ranges = {
+        "confidence_thr": (0.1, 0.9, 0.1),
+        "center_confidence_thr": (0.05, 0.9, 0.05),
+        "min_distance_object_centers": (1, 35, 1),
+        "tile_size": (0, 128000, 1280),
+    }
+    assert {n: (getattr(w, n).min, getattr(w, n).max, getattr(w, n).step) for n in ranges} == ranges
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("rgb", "is an RGB image; convert it to grayscale"),
+        ("rgb-batch", "is an RGB image; convert it to grayscale"),
+        ("5d", "has 5 dimensions"),
+        ("bool", "dtype bool"),
+        ("roi-none", "Confine to ROI needs a Shapes or Labels layer"),
+        ("roi-labels-shape", "use a labels layer of the image's shape"),
+        ("roi-labels-empty", "has no labelled pixel in the current plane"),
+        ("roi-shapes-elsewhere", "No shape of 'roi' covers the current plane"),
+        ("no-output-layer", "Must select an output layer"),
+        ("batch+viewport", "Batch mode is not compatible with viewport inference"),
+        ("batch+multiscale", "Batch mode is not compatible with multiscale images"),
+    ],
+)
+def test_bad_input_is_a_notification(make_widget, notifications, em_volume, case, message):
+    """Each bad input is refused before any work starts, with a message that says what to do."""
+    viewer, widget = make_widget()
+    vol = np.ascontiguousarray(em_volume[:4, :64, :64])
+    values: dict = {}
+    if case.startswith("rgb"):
+        layer = viewer.add_image(np.stack([vol[0]] * 3, axis=-1), rgb=True)
+        values["batch_mode"] = case == "rgb-batch"
+    elif case == "5d":
+        layer = viewer.add_image(vol[:4, :16, :16].reshape(2, 2, 1, 16, 16))
+    elif case == "bool":
+        layer = viewer.add_image(vol[0] > 100)
+    elif case == "batch+multiscale":
+        layer = viewer.add_image([vol[0], vol[0, ::2, ::2]], multiscale=True)
+        values["batch_mode"] = True
+    else:
+        layer = viewer.add_image(vol)
+    if case == "roi-none":
+        values["confine_to_roi"] = True
+    elif case == "roi-labels-shape":
+        values.update(confine_to_roi=True, roi_layer=viewer.add_labels(np.ones((4, 64, 65), int)))
+    elif case == "roi-labels-empty":
+        mask = np.zeros(vol.shape, np.uint8)
+        mask[2, 10:20, 10:20] = 1  # another plane than the one shown (0)
+        values.update(confine_to_roi=True, roi_layer=viewer.add_labels(mask))
+    elif case == "roi-shapes-elsewhere":
+        tri = np.array([[2, 1, 1], [2, 30, 1], [2, 30, 30]], float)  # drawn on plane 2
+        roi = viewer.add_shapes([tri], shape_type="polygon", name="roi")
+        values.update(confine_to_roi=True, roi_layer=roi)
+    elif case == "no-output-layer":
+        values["output_to_layer"] = True
+    elif case == "batch+viewport":
+        values.update(batch_mode=True, viewport=True)
+    viewer.dims.set_point(0, 0)
+    n_layers = len(viewer.layers)
+    widget.reset_choices()
+    values = {"image_layer": layer, **values}
+    for name, value in values.items():
+        getattr(widget, name).value = value
+    assert widget() is None
+    errors = [text for level, text in notifications if level == "error"]
+    assert any(message in text for text in errors), errors
+    assert len(viewer.layers) == n_layers
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_use_gpu_without_cuda_is_a_notification(make_widget, wait_job, notifications, em_image):
+    viewer, widget = make_widget()
+    layer = viewer.add_image(em_image[:64, :64])
+    job = run(widget, wait_job, image_layer=layer, use_gpu=True)
+    assert type(job.error).__name__ == "PanoptemError"
+    assert any(level == "error" and "CUDA is not available" in t for level, t in notifications)
+    assert "empanada_seg_2d" not in viewer.layers
+
+
+def test_multiscale_confine_to_viewport(make_widget, wait_job, registered_model, lucchi_image):
+    """A multiscale image is cut at the canvas (napari's multiscale corner_pixels are the
+    loaded, chunk-grown region of the level on screen, not the viewport)."""
+    viewer, widget = make_widget()
+    big = np.ascontiguousarray(np.tile(lucchi_image[:512, :512], (2, 2)))
+    levels = [big, big[::2, ::2], big[::4, ::4]]
+    layer = viewer.add_image(levels, multiscale=True, scale=(2.0, 2.0), translate=(4.0, 6.0))
+    flat = viewer.add_image(big, scale=(2.0, 2.0), translate=(4.0, 6.0), opacity=0, name="flat")
+    viewer.scene.camera.center = (1100.0, 900.0)
+    viewer.scene.camera.zoom = 1.5
+    viewer.window._qt_viewer.canvas.on_draw(None)
+    (y0, x0), (y1, x1) = flat.corner_pixels  # the viewport as napari computes it (level 0)
+    assert 0 < y0 < y1 < big.shape[0] - 1 and 0 < x0 < x1 < big.shape[1] - 1
+    run(widget, wait_job, image_layer=layer, viewport=True)
+    out = viewer.layers["empanada_seg_2d"]
+    oy, ox = np.round((np.asarray(out.translate) - (4.0, 6.0)) / 2.0).astype(int)
+    h, w = out.data.shape
+    # the same region up to one pixel of floating-point rounding at each edge
+    assert abs(oy - y0) <= 1 and abs(ox - x0) <= 1
+    assert abs(oy + h - 1 - y1) <= 1 and abs(ox + w - 1 - x1) <= 1
+    assert h * w < big.size / 4
+    np.testing.assert_array_equal(out.data, expected(registered_model, big[oy : oy + h, ox : ox + w]))
+    np.testing.assert_allclose(out.scale, layer.scale)
+
+
+def test_output_to_layer_on_a_transposed_plane_with_a_labels_roi(
+    make_widget, wait_job, registered_model, em_volume
+):
+    """yz shown transposed (order z, y, x -> x, y, z): the result goes back into the right
+    voxels of the output layer, only inside the ROI mask, and undo restores the layer."""
+    viewer, widget = make_widget()
+    vol = np.ascontiguousarray(em_volume[:32, :64, :48])
+    layer = viewer.add_image(vol)
+    before = np.zeros(vol.shape, np.int32)
+    before[:, :, 7] = 5
+    target = viewer.add_labels(before.copy(), name="target")
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[4:28, 10:50, 7] = 1
+    roi = viewer.add_labels(mask, name="mask")
+    viewer.dims.order = (2, 1, 0)
+    viewer.dims.set_point(2, 7)
+    run(widget, wait_job, image_layer=layer, confine_to_roi=True, roi_layer=roi,
+        output_to_layer=True, output_layer=target)
+    shown = vol[:, :, 7].T  # rows y, columns z
+    seg = expected(registered_model, shown, roi=mask[:, :, 7].T > 0).T
+    want = before.copy()
+    inside = mask[:, :, 7] > 0
+    want[:, :, 7][inside] = seg[inside]
+    np.testing.assert_array_equal(target.data, want)
+    target.undo()
+    np.testing.assert_array_equal(target.data, before)

@@ -193,9 +193,8 @@ def current_plane(viewer, layer, viewport: bool = False) -> Plane:
                 "Confine to viewport is not supported for xz planes; switch to the xy or yz "
                 "view, or untick 'Confine to viewport'."
             )
-        corners = np.asarray(layer.corner_pixels, dtype=float)
-        if layer.multiscale:
-            corners = corners * np.asarray(layer.downsample_factors[layer.data_level])
+        corners = (_viewport_corners(viewer, layer, displayed) if layer.multiscale
+                   else np.asarray(layer.corner_pixels, dtype=float))
         for a in displayed:
             lo = int(np.clip(np.floor(corners[0, a]), 0, data.shape[a] - 1))
             hi = int(np.clip(np.ceil(corners[1, a]) + 1, lo + 1, data.shape[a]))
@@ -204,6 +203,34 @@ def current_plane(viewer, layer, viewport: bool = False) -> Plane:
     plane = Plane(region, (displayed[0], displayed[1]), tuple(index), tuple(data.shape))
     plane.image = plane.from_data_order(region)
     return plane
+
+
+def _viewport_corners(viewer, layer, displayed: list[int]) -> np.ndarray:
+    """(2, ndim) level-0 data corners of the canvas for a multiscale ``layer``.
+
+    napari's ``corner_pixels`` of a multiscale layer are in the coordinates of the level on
+    screen, grown to chunk boundaries and never shrunk while zooming in, so they are not
+    the viewport. This maps the canvas corners (camera centre and zoom, viewbox size) from
+    world to level-0 data coordinates the way napari does for single-scale layers.
+    """
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    size = np.asarray(viewer.canvas.viewbox_size(viewer.layers), dtype=float)
+    center = np.asarray(camera.center, dtype=float)[-2:]
+    half = size / 2.0 / float(camera.zoom)
+    offset = viewer.dims.ndim - layer.ndim
+    world_axes = [a + offset for a in displayed]
+    point = np.asarray(viewer.dims.point, dtype=float)
+    corners = []
+    for dy in (-1, 1):
+        for dx in (-1, 1):
+            p = point.copy()
+            p[world_axes] = center + np.array([dy, dx]) * half
+            corners.append(np.asarray(layer.world_to_data(p[offset:]), dtype=float))
+    corners = np.asarray(corners)
+    out = np.zeros((2, layer.ndim))
+    out[0, displayed] = np.floor(corners[:, displayed].min(axis=0))
+    out[1, displayed] = np.ceil(corners[:, displayed].max(axis=0))
+    return out
 
 
 def roi_mask(plane: Plane, image_layer, roi_layer) -> np.ndarray:
@@ -221,6 +248,11 @@ def roi_mask(plane: Plane, image_layer, roi_layer) -> np.ndarray:
                 f"but the image has shape {plane.shape}; use a labels layer of the image's shape."
             )
         region = np.asarray(roi_layer.data[plane.index]) != 0
+        if not region.any():
+            raise PanoptemError(
+                f"The ROI labels layer '{roi_layer.name}' has no labelled pixel in the "
+                "current plane; paint the region to segment, or untick 'Confine to ROI'."
+            )
         return plane.from_data_order(region)
     if kind != "Shapes":
         raise PanoptemError("Confine to ROI needs a Shapes or Labels layer as the ROI layer.")

@@ -24,6 +24,7 @@ from panoptem._widgets import _settings
 from panoptem._widgets._worker import start_job
 from panoptem.errors import PanoptemError
 from panoptem.inference.engine import DOWNSAMPLING_FACTORS, Params2D
+from panoptem.inference.preprocess import check_image_2d
 
 __all__ = ["inference_2d_widget", "LAYER_NAME"]
 
@@ -93,6 +94,8 @@ def _check(image_layer, batch_mode, viewport, confine_to_roi, roi_layer, output_
                        "untick 'Confine to viewport' or 'Batch mode'.")
         common.require(not confine_to_roi, "Batch mode is not compatible with ROI inference: "
                        "untick 'Confine to ROI' or 'Batch mode'.")
+        common.require(not getattr(image_layer, "rgb", False),
+                       f"'{image_layer.name}' is an RGB image; convert it to grayscale first.")
         common.require(image_layer.ndim in (2, 3), "Batch mode segments a 2D image or a 3D "
                        f"stack; '{image_layer.name}' is {image_layer.ndim}D.")
     if confine_to_roi:
@@ -189,6 +192,7 @@ def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
                 return _run_batch(viewer, image_layer, model_config, device, use_quantized,
                                   params)
             plane = common.current_plane(viewer, image_layer, viewport=viewport)
+            check_image_2d(plane.image, what=f"current plane of '{image_layer.name}'")
             roi = common.roi_mask(plane, image_layer, roi_layer) if confine_to_roi else None
         except PanoptemError as err:
             show_error(str(err))
