@@ -331,6 +331,9 @@ def test_cancel_stops_a_running_job(
         ("max_objects", "Max objects per class in 3D"),
         ("multigpu", "Multi GPU needs at least two CUDA GPUs"),
         ("no_layer", "Choose an image layer"),
+        ("rgb", "is a 2D RGB image, not a volume"),
+        ("bool", "dtype bool; give integer or float grayscale data"),
+        ("5d", "3D Inference needs a volume (Z, Y, X)"),
     ],
 )
 def test_bad_input_is_a_notification(
@@ -340,7 +343,14 @@ def test_bad_input_is_a_notification(
 
     viewer, w = make_widget()
     vol = em_volume[:4, :32, :32]
-    image = viewer.add_image(vol[0] if case == "2d" else vol)
+    if case == "rgb":
+        image = viewer.add_image(np.stack([vol[0]] * 3, axis=-1), rgb=True)
+    elif case == "bool":
+        image = viewer.add_image(vol > 100)
+    elif case == "5d":
+        image = viewer.add_image(np.stack([vol] * 2)[:, :, None])  # (2, 4, 1, 32, 32)
+    else:
+        image = viewer.add_image(vol[0] if case == "2d" else vol)
     values = {"image_layer": image}
     if case == "chunks":
         values["chunk_size"] = "32, 32"

@@ -27,7 +27,7 @@ from panoptem._widgets import _common, _settings
 from panoptem._widgets._worker import Job, start_job
 from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Params2D
-from panoptem.inference.volume import Params3D
+from panoptem.inference.volume import Params3D, check_volume
 
 __all__ = ["inference_3d_widget", "NO_ZARR", "multi_gpu_devices", "zarr_store_path"]
 
@@ -67,6 +67,11 @@ def _target(layer: Image) -> _Target:
     """Level 0 of a multiscale image; a 4D image loses a leading or trailing channel axis
     of size 1, 3 or 4 (its first channel is used), and the scale and translate with it."""
     data = layer.data[0] if layer.multiscale else layer.data
+    if getattr(layer, "rgb", False) and data.ndim == 3:
+        raise PanoptemError(
+            f"'{layer.name}' is a 2D RGB image, not a volume; 3D Inference needs a grayscale "
+            "volume (Z, Y, X). Use 2D Inference on a grayscale version of it."
+        )
     scale, translate = tuple(layer.scale), tuple(layer.translate)
     if data.ndim == 4 and data.shape[0] in (1, 3, 4):
         data, scale, translate = data[0], scale[1:], translate[1:]
@@ -77,6 +82,7 @@ def _target(layer: Image) -> _Target:
             f"3D Inference needs a volume (Z, Y, X); '{layer.name}' has shape {tuple(data.shape)}. "
             "Use 2D Inference for single images."
         )
+    check_volume(data)  # empty, boolean or non-numeric volumes: say so before any work
     return _Target(data, layer.name, scale[-3:], translate[-3:])
 
 
