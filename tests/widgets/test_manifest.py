@@ -92,3 +92,43 @@ def test_settings_move_the_model_folder(manifest, tmp_path, monkeypatch, small_c
         assert _settings.default_use_gpu() is False
     finally:
         napari_settings._clear_plugin_settings_cache()
+
+
+def test_npe2_only_no_npe1_hooks():
+    """The plugin is found through its npe2 manifest alone: no ``napari.plugin`` (npe1)
+    entry point, no npe1 shim, no ``napari_hook_implementation`` anywhere in the plugin."""
+    import pkgutil
+    from importlib.metadata import distribution
+
+    from npe2 import PluginManager
+
+    import panoptem._widgets
+
+    eps = distribution("panoptem").entry_points
+    assert "napari.plugin" not in {ep.group for ep in eps}
+    assert [ep.value for ep in eps if ep.group == "napari.manifest"] == ["panoptem:napari.yaml"]
+    pm = PluginManager.instance()
+    pm.discover()
+    assert pm.get_manifest("panoptem").npe1_shim is False
+    names = ["panoptem._reader", "panoptem._writer", "panoptem._sample_data"] + [
+        f"panoptem._widgets.{m.name}" for m in pkgutil.iter_modules(panoptem._widgets.__path__)
+    ]
+    for name in names:
+        module = importlib.import_module(name)
+        hooks = [a for a in vars(module) if a.startswith("napari_") or "hook_implementation" in a]
+        assert hooks == [], (name, hooks)
+    text = (ROOT / "src" / "panoptem" / "napari.yaml").read_text()
+    assert "napari_hook_implementation" not in text and "npe1" not in text
+
+
+def test_every_contribution_of_the_issue(manifest):
+    """Issue 5 item 1: seven widgets, a reader, a writer, sample data and settings."""
+    c = manifest.contributions
+    commands = {cmd.id for cmd in c.commands}
+    for contribution in (*c.widgets, *c.readers, *c.writers, *c.sample_data):
+        assert contribution.command in commands
+    assert c.readers[0].accepts_directories
+    assert set(c.writers[0].filename_extensions) == {".tif", ".tiff"}
+    assert [s.key for s in c.sample_data] == ["lucchi"]
+    props = {k: set(v.properties) for k, v in c.configurations.items()}
+    assert props == {"models": {"model_home"}, "inference": {"device"}}

@@ -294,3 +294,34 @@ def test_archive(viewer, notifications, tmp_path, small_model_file, small_config
     assert widget() is None
     assert any("built-in" in t for t in _texts(notifications, "error"))
     assert builtin.is_file() and "MitoNet_v1" in registry.list_models()
+
+
+def test_export_import_keeps_the_quantized_file(
+    viewer, wait_job, tmp_path, small_config, small_model_file, panoptem_home
+):
+    """Nothing is lost through Export then Import: config, float and quantized files."""
+    quant = _copy(small_model_file, tmp_path / "q" / "both_quantized.pth")
+    quant.write_bytes(quant.read_bytes() + b"\0")  # a different file from the float one
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text(yaml.safe_dump({**small_config, "model": str(small_model_file),
+                                   "model_quantized": str(quant)}))
+    registry.register_model("Both", cfg)
+    export = _make(viewer, "export_model_widget")
+    export.model_name.reset_choices()
+    _set(export, model_name="Both", export_path=tmp_path / "out")
+    archive = wait_job(export()).result
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["Both.pth", "Both.yaml", "Both_quantized.pth"]
+        packed = yaml.safe_load(zf.read("Both.yaml"))
+    assert packed["model"] == "Both.pth" and packed["model_quantized"] == "Both_quantized.pth"
+    assert {k: v for k, v in packed.items() if not k.startswith("model")} == {
+        k: v for k, v in small_config.items() if not k.startswith("model")
+    }
+
+    imp = _make(viewer, "import_model_widget")
+    _set(imp, model_name="BothBack", import_path=archive)
+    assert wait_job(imp()).result == "BothBack"
+    config = registry.get_config("BothBack")
+    assert Path(config["model"]).read_bytes() == small_model_file.read_bytes()
+    assert Path(config["model_quantized"]).read_bytes() == quant.read_bytes()
+    assert Path(config["model_quantized"]).parent == panoptem_home / "models"
