@@ -84,6 +84,21 @@ def test_parameters_on_2d_image(make_widget, wait_job, registered_model, em_imag
         assert job.progress.stage_name == "tiles" and job.progress.done == job.progress.total > 1
 
 
+def test_use_quantized_runs_the_bundled_int8_model(make_widget, wait_job, em_image):
+    """ "Use quantized model" with the bundled model runs its real int8 file on CPU."""
+    viewer, widget = make_widget()
+    layer = viewer.add_image(em_image)
+    job = run(
+        widget, wait_job, image_layer=layer, model_config="panoptem_mito_small", use_quantized=True
+    )
+    assert job.error is None
+    out = viewer.layers["empanada_seg_2d"].data
+    engine = Engine2D("panoptem_mito_small", quantized=True)
+    assert engine.loaded.quantized
+    np.testing.assert_array_equal(out, engine.segment(em_image))
+    assert len(np.unique(out)) > 2  # the trained model finds several mitochondria here
+
+
 @pytest.mark.parametrize(
     "order, fixed, transposed",
     [((0, 1, 2), 0, False), ((1, 0, 2), 1, False), ((2, 0, 1), 2, False), ((2, 1, 0), 2, True)],
@@ -485,7 +500,9 @@ def test_multiscale_confine_to_viewport(make_widget, wait_job, registered_model,
     assert abs(oy - y0) <= 1 and abs(ox - x0) <= 1
     assert abs(oy + h - 1 - y1) <= 1 and abs(ox + w - 1 - x1) <= 1
     assert h * w < big.size / 4
-    np.testing.assert_array_equal(out.data, expected(registered_model, big[oy : oy + h, ox : ox + w]))
+    np.testing.assert_array_equal(
+        out.data, expected(registered_model, big[oy : oy + h, ox : ox + w])
+    )
     np.testing.assert_allclose(out.scale, layer.scale)
 
 
@@ -505,8 +522,15 @@ def test_output_to_layer_on_a_transposed_plane_with_a_labels_roi(
     roi = viewer.add_labels(mask, name="mask")
     viewer.dims.order = (2, 1, 0)
     viewer.dims.set_point(2, 7)
-    run(widget, wait_job, image_layer=layer, confine_to_roi=True, roi_layer=roi,
-        output_to_layer=True, output_layer=target)
+    run(
+        widget,
+        wait_job,
+        image_layer=layer,
+        confine_to_roi=True,
+        roi_layer=roi,
+        output_to_layer=True,
+        output_layer=target,
+    )
     shown = vol[:, :, 7].T  # rows y, columns z
     seg = expected(registered_model, shown, roi=mask[:, :, 7].T > 0).T
     want = before.copy()

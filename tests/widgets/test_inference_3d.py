@@ -392,6 +392,31 @@ def test_multi_gpu_runs_one_process_per_device(
     np.testing.assert_array_equal(viewer.layers["mp-mito-prediction"].data, ref.classes["mito"])
 
 
+@pytest.mark.parametrize("option", ["fine_boundaries", "semantic_only"])
+def test_fine_boundaries_and_semantic_only(
+    make_widget, wait_job, registered_model, em_volume, option
+):
+    """The 2D block's two check boxes reach Engine3D; "Semantic Only" gives one label."""
+    vol = np.ascontiguousarray(em_volume[:8, :96, :96])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="crop")
+    job = wait_job(
+        start(w, image_layer=image, orthoplane=False, **{option: True}, **FAST),
+        timeout=SLOW_MS,
+    )
+    assert job.error is None
+    out = viewer.layers["crop-mito-prediction"].data
+    ref = Engine3D(registered_model).segment(vol, Params2D(**{option: True}), Params3D(**FAST))
+    np.testing.assert_array_equal(out, ref.classes["mito"])
+    ids = set(np.unique(out)) - {0}
+    assert ids
+    if option == "semantic_only":
+        assert len(ids) == 1
+    else:
+        default = headless(registered_model, vol, **FAST).classes["mito"]
+        assert not np.array_equal(out > 0, default > 0)  # grouped at full, not 1/4, resolution
+
+
 def test_multiscale_quantized_and_the_model_is_kept(
     make_widget, wait_job, small_config, small_model_file, em_volume, tmp_path
 ):
