@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testutils import SHARED_DATA, SMALL_ARCH, model_config, read_png
+from testutils import SHARED_DATA, SMALL_ARCH, LocalServer, model_config, read_png
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +47,17 @@ def lucchi_image() -> np.ndarray:
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
     return read_png(path)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A local HTTP server for tmp_path/served (``.url``, ``.root``, ``.requests``); proxies
+    are switched off so requests to 127.0.0.1 never leave the machine."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    root = tmp_path / "served"
+    root.mkdir()
+    srv = LocalServer(root)
+    yield srv
+    srv.stop()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -44,24 +41,9 @@ def test_registered_model_from_path_runs_on_real_image(small_model_file, tmp_pat
 
 
 @pytest.fixture
-def http_server(small_model_file, tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(small_model_file, served / "SmallServed.pth")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-
-    class Quiet(handler.func):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def http_server(server, small_model_file):
+    shutil.copy(small_model_file, server.root / "SmallServed.pth")
+    return server.url
 
 
 def test_model_from_url_runs_on_real_image(http_server, small_config, crop, panoptem_home):

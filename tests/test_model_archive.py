@@ -6,10 +6,7 @@ served by a local HTTP server on 127.0.0.1; every test has its own PANOPTEM_HOME
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 import zipfile
 from pathlib import Path
 from typing import Dict  # noqa: UP035  (TorchScript wants typing.Dict in annotations)
@@ -21,34 +18,11 @@ import yaml
 from panoptem import model_archive, registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
-from testutils import model_config
+from testutils import FINETUNE, model_config
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
 )
-
-FINETUNE = {
-    "criterion": "PanopticLoss",
-    "criterion_params": {
-        "ce_weight": 1,
-        "l1_weight": 0.01,
-        "mse_weight": 200,
-        "pr_weight": 1,
-        "top_k_percent": 0.2,
-    },
-    "dataset_class": "SingleClassInstanceDataset",
-    "dataset_params": {"weight_gamma": 0.7},
-    "engine": "PanopticDeepLabEngine",
-    "engine_params": {
-        "confidence_thr": 0.5,
-        "label_divisor": 1000,
-        "nms_kernel": 7,
-        "nms_threshold": 0.1,
-        "stuff_area": 64,
-        "thing_list": [1],
-        "void_label": 0,
-    },
-}
 
 
 class Tiny(torch.nn.Module):
@@ -103,46 +77,6 @@ def _files_under(folder: Path) -> list[Path]:
 
 def _without_files(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("model", "model_quantized")}
-
-
-class _Server:
-    """Serves a folder over HTTP on 127.0.0.1 and records the requested paths."""
-
-    def __init__(self, root: Path) -> None:
-        log = self.requests = []
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                log.append(self.path)
-                super().do_GET()
-
-        self.httpd = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
-        )
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = _Server(root)
-    srv.root = root
-    yield srv
-    srv.stop()
 
 
 # --------------------------------------------------------------------------------------

@@ -6,12 +6,9 @@ tiny scripted modules written into tmp_path, and every test has its own PANOPTEM
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Dict  # noqa: UP035  (TorchScript wants typing.Dict in annotations)
@@ -23,6 +20,7 @@ import yaml
 from panoptem import registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
+from testutils import FINETUNE
 
 # The tests build their model files with torch.jit.script/save, which torch 2.13 marks deprecated.
 pytestmark = pytest.mark.filterwarnings(
@@ -67,29 +65,6 @@ OFFICIAL = {
         "lipid",
         512,
     ),
-}
-
-FINETUNE = {
-    "criterion": "PanopticLoss",
-    "criterion_params": {
-        "ce_weight": 1,
-        "l1_weight": 0.01,
-        "mse_weight": 200,
-        "pr_weight": 1,
-        "top_k_percent": 0.2,
-    },
-    "dataset_class": "SingleClassInstanceDataset",
-    "dataset_params": {"weight_gamma": 0.7},
-    "engine": "PanopticDeepLabEngine",
-    "engine_params": {
-        "confidence_thr": 0.5,
-        "label_divisor": 1000,
-        "nms_kernel": 7,
-        "nms_threshold": 0.1,
-        "stuff_area": 64,
-        "thing_list": [1],
-        "void_label": 0,
-    },
 }
 
 
@@ -163,41 +138,6 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_pth(tmp_path) -> Path:
     return _save_scripted(Tiny(), tmp_path / "tiny.pth")
-
-
-class _Server:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[str] = []
-        log = self.requests
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:
-                log.append(self.path)
-                super().do_GET()
-
-        handler = functools.partial(Handler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = _Server(root)
-    yield srv
-    srv.stop()
 
 
 def _closed_port() -> int:

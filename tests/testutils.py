@@ -6,6 +6,9 @@ and ``from testutils import`` resolves to whichever of the two was imported last
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +46,60 @@ def read_png(path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path))
+
+
+# the FINETUNE block of a released model config (MitoNet_v1's values)
+FINETUNE = {
+    "criterion": "PanopticLoss",
+    "criterion_params": {
+        "ce_weight": 1,
+        "l1_weight": 0.01,
+        "mse_weight": 200,
+        "pr_weight": 1,
+        "top_k_percent": 0.2,
+    },
+    "dataset_class": "SingleClassInstanceDataset",
+    "dataset_params": {"weight_gamma": 0.7},
+    "engine": "PanopticDeepLabEngine",
+    "engine_params": {
+        "confidence_thr": 0.5,
+        "label_divisor": 1000,
+        "nms_kernel": 7,
+        "nms_threshold": 0.1,
+        "stuff_area": 64,
+        "thing_list": [1],
+        "void_label": 0,
+    },
+}
+
+
+class LocalServer:
+    """Serves a folder over HTTP on 127.0.0.1 (``.url``, ``.root``) and records the
+    requested paths (``.requests``); ``stop()`` may be called more than once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        log = self.requests
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:
+                log.append(self.path)
+                super().do_GET()
+
+        handler = functools.partial(Handler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self._stopped = False
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(5)

@@ -6,10 +6,7 @@ Offline: URL models are served by a local HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
-import threading
 import zipfile
 from pathlib import Path
 
@@ -61,40 +58,6 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _texts(notifications, level: str) -> list[str]:
     return [text for severity, text in notifications if severity == level]
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A local HTTP server for tmp_path/served (``.url``, ``.root``, ``.requests``)."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    root = tmp_path / "served"
-    root.mkdir()
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
-    )
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-
-    class Server:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
-
-    Server.root, Server.requests = root, requests
-    yield Server
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
 
 
 @pytest.fixture
@@ -303,8 +266,11 @@ def test_export_import_keeps_the_quantized_file(
     quant = _copy(small_model_file, tmp_path / "q" / "both_quantized.pth")
     quant.write_bytes(quant.read_bytes() + b"\0")  # a different file from the float one
     cfg = tmp_path / "both.yaml"
-    cfg.write_text(yaml.safe_dump({**small_config, "model": str(small_model_file),
-                                   "model_quantized": str(quant)}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {**small_config, "model": str(small_model_file), "model_quantized": str(quant)}
+        )
+    )
     registry.register_model("Both", cfg)
     export = _make(viewer, "export_model_widget")
     export.model_name.reset_choices()
