@@ -6,9 +6,12 @@ parameters: the widget must only choose the plane/region and place the result.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from panoptem import loading
 from panoptem.inference.engine import Engine2D, Params2D
 
 
@@ -92,6 +95,10 @@ def test_use_quantized_runs_the_bundled_int8_model(make_widget, wait_job, em_ima
         widget, wait_job, image_layer=layer, model_config="panoptem_mito_small", use_quantized=True
     )
     assert job.error is None
+    # the widget loaded the int8 file, in the cache's quantized slot, and nothing else
+    assert [(Path(key[0]).name, key[2]) for key in loading._model_cache] == [
+        ("panoptem_mito_small_quantized.pth", True)
+    ]
     out = viewer.layers["empanada_seg_2d"].data
     engine = Engine2D("panoptem_mito_small", quantized=True)
     assert engine.loaded.quantized
@@ -285,8 +292,6 @@ def test_new_models_appear_without_reopening(make_widget, small_config, tmp_path
 
 
 def test_model_is_loaded_once_across_clicks(make_widget, wait_job, em_image):
-    from panoptem import loading
-
     viewer, widget = make_widget()
     layer = viewer.add_image(em_image[:64, :64])
     run(widget, wait_job, image_layer=layer)
