@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from testutils import SHARED_DATA, SMALL_ARCH, LocalServer, model_config, read_png
+from testutils import EM_VOLUME, SMALL_ARCH, LocalServer, em_png, model_config
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +43,15 @@ def small_config(small_model_file) -> dict:
 @pytest.fixture(scope="session")
 def lucchi_image() -> np.ndarray:
     """A real FIB-SEM image, 768 x 1024 uint8 (Lucchi++ test slice 0)."""
-    path = SHARED_DATA / "lucchi_pp" / "test" / "Test_In" / "mask0000.png"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
-    return read_png(path)
+    return em_png("lucchi_test_0000.png")
+
+
+@pytest.fixture(scope="session")
+def em_volume() -> np.ndarray:
+    """A real FIB-SEM volume, 64 x 128 x 128 uint8 (a Lucchi++ test-volume crop)."""
+    import tifffile
+
+    return tifffile.imread(EM_VOLUME)
 
 
 @pytest.fixture

@@ -24,10 +24,9 @@ def test_models_list_and_info(capsys, registered):
     capsys.readouterr()
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
-    assert names[:4] == sorted(
-        ["MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "DropNet_base_v1"]
-    )
-    assert "CliSmall" in names
+    # MitoNet_v1 first, the original's built-ins, the bundled model, then user models
+    assert names == ["MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2", "DropNet_base_v1",
+                     "panoptem_mito_small", "CliSmall"]
     assert main(["models", "info", "MitoNet_v1"]) == 0
     out = capsys.readouterr().out
     assert "16" in out and "mito" in out
@@ -141,13 +140,8 @@ def test_demo_writes_labels_and_picture(tmp_path, capsys):
 
 
 @pytest.fixture
-def em_volume_tif(tmp_path):
-    from testutils import SHARED_DATA
-
-    path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
-    if not path.exists():
-        pytest.skip("shared data missing")
-    vol = tifffile.imread(path)[:6, :64, :80]
+def em_volume_tif(tmp_path, em_volume):
+    vol = em_volume[:6, :64, :80]
     out = tmp_path / "vol.tif"
     tifffile.imwrite(out, vol)
     return out

@@ -25,8 +25,7 @@ from panoptem.training.datasets import (
 )
 from panoptem.training.targets import heatmap_and_offsets, panoptic_targets
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CDEEP3M_TRAIN = SHARED_DATA / "cdeep3m_sbem_mito" / "train"
+from testutils import EM_DATA
 
 
 def disk(shape, center, radius):
@@ -315,13 +314,12 @@ def test_dataset_applies_transforms_before_making_targets(small_dataset):
 
 
 # ----------------------------------------------------------------------------- real data
-@pytest.mark.skipif(not CDEEP3M_TRAIN.is_dir(), reason="shared EM data not available")
 def test_real_em_items_have_one_centre_peak_per_mitochondrion(tmp_path):
     root = tmp_path / "dataset" / "cdeep3m"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
-    images = sorted((CDEEP3M_TRAIN / "images").glob("*.png"))[:2]
-    labels = sorted((CDEEP3M_TRAIN / "labels").glob("*.png"))[:2]
+    images = [EM_DATA / f"cdeep3m_train_{n}_y0_x0.png" for n in ("010", "012")]
+    labels = [EM_DATA / f"cdeep3m_train_{n}_y0_x0_mask.png" for n in ("010", "012")]
     for i, (im, lb) in enumerate(zip(images, labels, strict=True)):
         shutil.copy(im, root / "images" / f"slice{i}.png")
         shutil.copy(lb, root / "masks" / f"slice{i}.png")

@@ -11,8 +11,9 @@ from scipy.optimize import linear_sum_assignment
 from panoptem.errors import PanoptemError
 from panoptem.evaluation import Metrics, evaluate, evaluate_files, mask_from_file_array
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LUCCHI_MASK = SHARED_DATA / "lucchi_pp" / "test" / "Test_Out" / "0.png"
+from testutils import EM_DATA
+
+LUCCHI_MASK = EM_DATA / "lucchi_test_0000_mask.png"
 
 
 def approx(x):
@@ -274,8 +275,6 @@ def test_evaluate_files_npy_and_singleton_axes(tmp_path):
 
 @pytest.fixture(scope="module")
 def lucchi_mask() -> np.ndarray:
-    if not LUCCHI_MASK.exists():
-        pytest.skip(f"shared data not found at {LUCCHI_MASK}")
     return LUCCHI_MASK
 
 

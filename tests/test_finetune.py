@@ -10,20 +10,17 @@ import yaml
 from panoptem import registry
 from panoptem.inference.engine import Engine2D
 from panoptem.training.finetune import finetune_model
-from testutils import SHARED_DATA, model_config
+from testutils import EM_DATA, model_config
 
 
 @pytest.fixture
 def sbem_dataset(tmp_path):
-    src = SHARED_DATA / "cdeep3m_sbem_mito" / "train"
-    if not src.exists():
-        pytest.skip("shared data missing")
     root = tmp_path / "dataset" / "sbem"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in ("010", "012"):
-        shutil.copy(src / "images" / f"images.{i}.png", root / "images" / f"s{i}.png")
-        shutil.copy(src / "labels" / f"mitos_3D.{i}.png", root / "masks" / f"s{i}.png")
+        shutil.copy(EM_DATA / f"cdeep3m_train_{i}_y0_x0.png", root / "images" / f"s{i}.png")
+        shutil.copy(EM_DATA / f"cdeep3m_train_{i}_y0_x0_mask.png", root / "masks" / f"s{i}.png")
     return tmp_path / "dataset"
 
 

@@ -27,13 +27,14 @@ pytestmark = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
 )
 
-# the built-ins: the original's four (checked against their official URLs) and panoptem's
+# the built-ins in list order: MitoNet_v1 first (every tutorial of the original starts with
+# it), the original's other three (checked against their official URLs), then panoptem's
 # bundled model (tests/test_bundled_model.py)
 BUILTINS = [
-    "DropNet_base_v1",
     "MitoNet_v1",
     "MitoNet_v1_mini",
     "NucleoNet_base_v2",
+    "DropNet_base_v1",
     "panoptem_mito_small",
 ]
 OFFICIAL = {

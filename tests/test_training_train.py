@@ -16,12 +16,9 @@ from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.training.export import export_checkpoint, load_checkpoint, quantize_registered
 from panoptem.training.train import CEM_WEIGHTS_URL, train_model
-from testutils import SHARED_DATA, SMALL_ARCH
+from testutils import SMALL_ARCH, em_png
 
 REPO = Path(__file__).resolve().parents[1]
-LUCCHI = SHARED_DATA / "lucchi_pp" / "train"
-CDEEP = SHARED_DATA / "cdeep3m_sbem_mito" / "train"
-pytestmark = pytest.mark.skipif(not LUCCHI.exists(), reason="needs ../shared/data")
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
@@ -34,12 +31,12 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """Two sources of real 128 x 128 crops (Lucchi++ FIB-SEM, CDeep3M SBEM) with masks."""
     root = tmp_path_factory.mktemp("tiny_dataset")
     for i, n in enumerate((0, 40, 80)):
-        img = np.asarray(Image.open(LUCCHI / "Train_In" / f"mask{n:04d}.png"))[300:428, 400:528]
-        mask = np.asarray(Image.open(LUCCHI / "Train_Out" / f"{n}.png"))[300:428, 400:528]
+        img = em_png(f"lucchi_train_{n:04d}_y300_x400.png")
+        mask = em_png(f"lucchi_train_{n:04d}_y300_x400_mask.png")
         _save(root / "lucchi" / "images" / f"l{i}.png", img)
         _save(root / "lucchi" / "masks" / f"l{i}.png", mask)
-    img = np.asarray(Image.open(CDEEP / "images" / "images.010.png"))[:128, :128]
-    mask = np.asarray(Image.open(CDEEP / "labels" / "mitos_3D.010.png"))[:128, :128]
+    img = em_png("cdeep3m_train_010_y0_x0.png")[:128, :128]
+    mask = em_png("cdeep3m_train_010_y0_x0_mask.png")[:128, :128]
     _save(root / "cdeep" / "images" / "c0.png", img)
     _save(root / "cdeep" / "masks" / "c0.png", mask)
     return root
@@ -103,7 +100,7 @@ def test_cli_train_exports_registers_and_quantizes(trained, monkeypatch, capsys)
     assert Path(cfg["model"]).is_file() and Path(cfg["model_quantized"]).is_file()
     assert (trained["dir"] / "TinyMito_checkpoint.pth.tar").is_file()
     assert '"validation"' in trained["log"].read_text()
-    image = np.asarray(Image.open(LUCCHI / "Train_In" / "mask0000.png"))[:256, :256]
+    image = em_png("lucchi_test_0000.png")[:256, :256]
     for quantized in (False, True):
         engine = Engine2D("TinyMito", quantized=quantized)
         assert engine.loaded.quantized is quantized

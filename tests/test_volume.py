@@ -10,19 +10,8 @@ from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference.engine import Params2D
 from panoptem.inference.volume import Engine3D, Params3D
 from panoptem.progress import CallbackProgress, Progress
-from testutils import SHARED_DATA
 
 P2 = Params2D(confidence_thr=0.5)
-
-
-@pytest.fixture(scope="module")
-def em_volume():
-    import tifffile
-
-    path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
-    return tifffile.imread(path)
 
 
 @pytest.fixture

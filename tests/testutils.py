@@ -15,7 +15,14 @@ import numpy as np
 
 from panoptem.demo import DEMO_ARCH
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: Real EM crops kept in the repository (see data/em/SOURCE.md).
+EM_DATA = Path(__file__).resolve().parent / "data" / "em"
+EM_VOLUME = EM_DATA / "lucchi_volume_z0-63_y0-127_x192-319.tif"
+
+
+def em_png(name: str) -> np.ndarray:
+    """A PNG of tests/data/em as a numpy array."""
+    return read_png(EM_DATA / name)
 
 # the demo's architecture (PanopticDeepLabPR, ResNet-18), made smaller still for fast tests
 SMALL_ARCH = {

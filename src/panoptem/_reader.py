@@ -7,9 +7,10 @@ open as separate layers (empanada-napari issue 21). This reader gives one Labels
 array, lazily read from disk, named as the 3D widget names them:
 ``<image>-<class>-prediction`` and ``<image>-panoptic-stack-<axis>``.
 
-The image name comes from the group's ``panoptem`` attribute (written by the 3D widget,
-with the image's scale and translate); without it (the CLI, the original) it is the store
-name without a trailing ``_<registered model name>``. Stores that look like anything else
+The image name comes from the group's ``panoptem`` attribute (written by the 3D engine at
+the end of every run, from the widget, the CLI or a script, with the image's scale and
+translate); without it (the original's stores) it is the store name without a trailing
+``_<registered model name>``. Stores that look like anything else
 (OME-Zarr, nested groups, non-integer or non-3D arrays) are left to other readers.
 
 No napari import here: the reader returns layer-data tuples.
@@ -92,7 +93,9 @@ def read_zarr_output(path) -> list[tuple]:
         from panoptem.errors import PanoptemError
 
         raise PanoptemError(f"{path} is not a zarr output of 3D inference.")
-    info = dict(group.attrs.get("panoptem", {}) or {})
+    from panoptem.inference.zarr_store import INFO_ATTR
+
+    info = dict(group.attrs.get(INFO_ATTR, {}) or {})
     image = _image_name(path, info)
     names = sorted(arrays, key=lambda n: (not n.startswith(_STACK_PREFIX), n))
     layers = []

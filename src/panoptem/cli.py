@@ -18,52 +18,54 @@ from panoptem.errors import Cancelled, PanoptemError
 __all__ = ["main", "build_parser"]
 
 
-def _add_2d_options(p: argparse.ArgumentParser, three_d: bool = False) -> None:
-    from panoptem.inference.engine import DOWNSAMPLING_FACTORS, Params2D
+#: The 2D fields each command offers (3D inference takes its label divisor from Params3D).
+_FIELDS_2D = ("downsampling", "confidence_thr", "center_confidence_thr", "min_distance",
+              "fine_boundaries", "semantic_only", "fill_holes", "max_objects", "tile_size")
+_FIELDS_2D_IN_3D = _FIELDS_2D[:6]
 
-    d = Params2D()
+
+def _add_param_options(group, cls, names) -> None:
+    """One option per dataclass field, with its default, choices and the widget's label."""
+    from panoptem._params import param_info
+
+    for name in names:
+        info = param_info(cls, name)
+        flag = "--" + name.replace("_", "-")
+        text = info.label + (f": {info.help}" if info.help else "")
+        if isinstance(info.default, bool):
+            group.add_argument(flag, dest=name, action="store_true", help=text)
+        else:
+            group.add_argument(flag, dest=name, type=type(info.default), default=info.default,
+                               choices=info.choices, help=f"{text} (default %(default)s)")
+
+
+def _add_2d_options(p: argparse.ArgumentParser, three_d: bool = False) -> None:
+    from panoptem.inference.engine import Params2D
+
     g = p.add_argument_group("2D parameters (as in the 2D Inference widget)")
-    g.add_argument("--downsampling", type=int, default=d.downsampling, choices=DOWNSAMPLING_FACTORS,
-                   help="Image Downsampling (default %(default)s)")
-    g.add_argument("--confidence-thr", type=float, default=d.confidence_thr,
-                   help="Segmentation Confidence Thr (default %(default)s)")
-    g.add_argument("--center-confidence-thr", type=float, default=d.center_confidence_thr,
-                   help="Center Confidence Thr (default %(default)s)")
-    g.add_argument("--min-distance", type=int, default=d.min_distance,
-                   help="Centers Min Distance (default %(default)s)")
-    g.add_argument("--fine-boundaries", action="store_true", help="Fine boundaries")
-    g.add_argument("--semantic-only", action="store_true", help="Semantic only")
-    if three_d:
-        return
-    g.add_argument("--fill-holes", action="store_true", help="Fill holes in segmentation")
-    g.add_argument("--max-objects", type=int, default=d.max_objects,
-                   help="Max objects per class = label divisor (default %(default)s)")
-    g.add_argument("--tile-size", type=int, default=d.tile_size,
-                   help="Tile size in pixels, 0 = no tiling (default %(default)s)")
+    _add_param_options(g, Params2D, _FIELDS_2D_IN_3D if three_d else _FIELDS_2D)
 
 
 def _add_3d_options(p: argparse.ArgumentParser) -> None:
-    from panoptem.inference.volume import MEDIAN_SIZES, Params3D
+    from dataclasses import fields
 
-    d = Params3D()
+    from panoptem.inference.volume import Params3D
+
     g = p.add_argument_group("3D parameters (as in the 3D Inference widget)")
-    g.add_argument("--plane", choices=["xy", "xz", "yz"], default=d.plane, help="Inference plane (default %(default)s)")
-    g.add_argument("--ortho-plane", action="store_true", help="Run ortho-plane: xy, xz and yz stacks and their consensus")
-    g.add_argument("--median-size", type=int, choices=MEDIAN_SIZES, default=d.median_size,
-                   help="Median Filter Size (default %(default)s)")
-    g.add_argument("--min-size", type=int, default=d.min_size, help="Min Size in voxels (default %(default)s)")
-    g.add_argument("--min-extent", type=int, default=d.min_extent, help="Min Box Extent (default %(default)s)")
-    g.add_argument("--max-objects", type=int, default=d.max_objects,
-                   help="Max objects per class in 3D (default %(default)s)")
-    g.add_argument("--erode", type=int, default=0, help="Erode Labels iterations")
-    g.add_argument("--dilate", type=int, default=0, help="Dilate Labels iterations")
-    g.add_argument("--fill-holes", action="store_true", help="Fill holes in segmentation")
-    g.add_argument("--vote-thr", type=int, default=d.vote_thr,
-                   help="Voxel Vote Thr Out of 3, 1..3 (default %(default)s)")
-    g.add_argument("--permit-one-stack", action="store_true",
-                   help="Permit detections found in 1 stack into consensus")
-    g.add_argument("--return-stacks", action="store_true", help="Return xy, xz, yz (panoptic) stacks")
-    g.add_argument("--chunk-size", default=d.chunk_size, help='zarr chunks: "256" or "z, y, x" (default %(default)s)')
+    _add_param_options(g, Params3D, [f.name for f in fields(Params3D)])
+    g.add_argument("--scale", type=_scale, default=(1.0, 1.0, 1.0), metavar="Z,Y,X",
+                   help="voxel size of the volume, recorded in a .zarr output so napari shows "
+                        "the layers at that scale (default 1,1,1)")
+
+
+def _scale(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"give three positive numbers z,y,x (got '{text}')")
+    return values
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output .tif (or a folder when IMAGE is a folder)")
     seg.add_argument("--model", default="MitoNet_v1", help="registered model name (default %(default)s)")
     seg.add_argument("--roi", help="mask image of the same size: only pixels inside it are segmented")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace output files that exist (otherwise refused before any work)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_2d_options(seg)
     _add_device_options(seg)
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg3.add_argument("-o", "--output", required=True,
                       help="OUT.zarr (written chunk by chunk) or OUT.tif (one file per class)")
     seg3.add_argument("--model", default="MitoNet_v1", help="registered model name (default %(default)s)")
+    seg3.add_argument("--overwrite", action="store_true",
+                      help="replace an output that exists (otherwise refused before any work)")
     seg3.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_2d_options(seg3, three_d=True)
     _add_3d_options(seg3)
@@ -189,15 +195,12 @@ def _version() -> str:
     return f"panoptem {__version__}"
 
 
-def _params(args):
-    from panoptem.inference.engine import Params2D
+def _params(args, cls, names=None):
+    """The ``cls`` parameters given on the command line (validated)."""
+    from dataclasses import fields
 
-    return Params2D(
-        downsampling=args.downsampling, confidence_thr=args.confidence_thr,
-        center_confidence_thr=args.center_confidence_thr, min_distance=args.min_distance,
-        fine_boundaries=args.fine_boundaries, semantic_only=args.semantic_only,
-        fill_holes=args.fill_holes, max_objects=args.max_objects, tile_size=args.tile_size,
-    ).validated()
+    names = names or [f.name for f in fields(cls)]
+    return cls(**{n: getattr(args, n) for n in names}).validated()
 
 
 def _cmd_models(args) -> int:
@@ -255,11 +258,14 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_segment(args) -> int:
+    from panoptem._files import check_output
     from panoptem.inference.engine import Engine2D
     from panoptem.io import IMAGE_SUFFIXES, read_image, write_labels
     from panoptem.progress import TextProgress
 
-    params = _params(args)
+    from panoptem.inference.engine import Params2D
+
+    params = _params(args, Params2D, _FIELDS_2D)
     src, out = Path(args.image), Path(args.output)
     if src.is_dir():
         files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -272,6 +278,8 @@ def _cmd_segment(args) -> int:
         if out.suffix.lower() not in (".tif", ".tiff"):
             raise PanoptemError(f"The output must be a .tif file (got '{out}').")
         jobs = [(src, out)]
+    for _, out_path in jobs:  # before any work: every output can be written, none exists
+        check_output(out_path, "output", overwrite=args.overwrite)
     roi = read_image(args.roi) if args.roi else None
     engine = Engine2D(args.model, device=args.device, quantized=args.quantized)
     with TextProgress(disable=args.quiet) as progress:
@@ -309,24 +317,26 @@ def _read_volume(path: Path):
 
 
 def _cmd_segment3d(args) -> int:
+    from panoptem._files import check_output
     from panoptem.inference.engine import Params2D
     from panoptem.inference.volume import Engine3D, Params3D
+    from panoptem.inference.zarr_store import StoreInfo
     from panoptem.io import write_labels
     from panoptem.progress import TextProgress
 
     out = Path(args.output)
     if out.suffix.lower() not in (".zarr", ".tif", ".tiff"):
         raise PanoptemError(f"The output must end in .zarr or .tif (got '{out}').")
-    p2 = Params2D(downsampling=args.downsampling, confidence_thr=args.confidence_thr,
-                  center_confidence_thr=args.center_confidence_thr, min_distance=args.min_distance,
-                  fine_boundaries=args.fine_boundaries, semantic_only=args.semantic_only)
-    p3 = Params3D(median_size=args.median_size, min_size=args.min_size, min_extent=args.min_extent,
-                  max_objects=args.max_objects, plane=args.plane, erode=args.erode, dilate=args.dilate,
-                  fill_holes=args.fill_holes, ortho_plane=args.ortho_plane,
-                  return_stacks=args.return_stacks, vote_thr=args.vote_thr,
-                  permit_one_stack=args.permit_one_stack, chunk_size=args.chunk_size).validated()
-    volume = _read_volume(Path(args.volume))
+    p2 = Params2D(**{n: getattr(args, n) for n in _FIELDS_2D_IN_3D})
+    p3 = _params(args, Params3D)
     zarr_path = out if out.suffix.lower() == ".zarr" else None
+    # before any work: the output (every file of it) can be written and does not exist yet
+    names = [out] if zarr_path else [out.with_name(f"{out.stem}_{n}{out.suffix}")
+                                     for n in _output_names(_config(args.model), p3)]
+    for target in names if len(names) > 1 else [out]:
+        check_output(target, "output", overwrite=args.overwrite)
+    volume = _read_volume(Path(args.volume))
+    info = StoreInfo(Path(args.volume).stem, scale=args.scale)
     t0 = time.perf_counter()
     with TextProgress(disable=args.quiet) as progress:
         if args.devices:
@@ -334,10 +344,12 @@ def _cmd_segment3d(args) -> int:
 
             devices = [d.strip() for d in args.devices.split(",") if d.strip()]
             result = segment_volume_distributed(args.model, volume, p2, p3, devices=devices,
-                                                zarr_path=zarr_path, progress=progress)
+                                                zarr_path=zarr_path, store_info=info,
+                                                progress=progress)
         else:
             engine = Engine3D(args.model, device=args.device, quantized=args.quantized)
-            result = engine.segment(volume, p2, p3, zarr_path=zarr_path, progress=progress)
+            result = engine.segment(volume, p2, p3, zarr_path=zarr_path, store_info=info,
+                                    progress=progress)
     arrays = {**result.classes, **{f"panoptic_{ax}": a for ax, a in result.stacks.items()}}
     for name, arr in arrays.items():
         if zarr_path is not None:  # already on disk; not loaded back into memory
@@ -349,6 +361,22 @@ def _cmd_segment3d(args) -> int:
         print(f"{name}: {f'{len(np.unique(arr[arr > 0]))} objects, ' if counted else ''}-> {target}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _config(model: str) -> dict:
+    """The config of ``--model``: a registered name or a config .yaml."""
+    from panoptem import registry
+
+    if model.lower().endswith(".yaml") and Path(model).is_file():
+        return registry.read_config(model)
+    return registry.get_config(model)
+
+
+def _output_names(config: dict, p3) -> list[str]:
+    """The arrays a 3D run writes: one per class, then the stacks when asked."""
+    names = [str(config["class_names"].get(c, c)) for c in config.get("labels", config["class_names"])]
+    axes = ("xy", "xz", "yz") if p3.ortho_plane else (p3.plane,)
+    return names + ([f"panoptic_{ax}" for ax in axes] if p3.return_stacks else [])
 
 
 def _cmd_evaluate(args) -> int:

@@ -189,7 +189,15 @@ def _load_cached(
     padding_factor: int,
     progress: Progress | None,
 ) -> tuple[Any, Path]:
-    path = registry.fetch_file(source, known_hash=known_hash, progress=progress)
+    try:
+        path = registry.fetch_file(source, known_hash=known_hash, progress=progress)
+    except PanoptemError as err:
+        if not _download.is_url(source):
+            raise
+        raise PanoptemError(
+            f"{err} Until it can be downloaded, use '{registry.OFFLINE_MODEL}': it ships with "
+            "panoptem and needs no download."
+        ) from None
     resolved = path.resolve()
     key = (str(resolved), str(device), quantized)
     signature = _file_signature(resolved)

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from panoptem import _download, registry
+from panoptem._files import atomic_path, free_path, write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress, ensure_progress
 
@@ -86,31 +87,8 @@ def _copy_stream(src, dst, progress: Progress, hasher=None) -> int:
     return copied
 
 
-def _free_path(folder: Path, filename: str, taken: set[Path] = frozenset()) -> Path:
-    """``folder / filename``, or ``<stem>_1<suffix>``, ``_2``, ... if that name is in use."""
-    name = PurePosixPath(filename)
-    suffix = "".join(name.suffixes[-1:])
-    stem = filename[: len(filename) - len(suffix)] if suffix else filename
-    candidate, n = folder / filename, 0
-    while candidate.exists() or candidate in taken:
-        n += 1
-        candidate = folder / f"{stem}_{n}{suffix}"
-    return candidate
-
-
 def _dump_yaml(config: dict) -> bytes:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True).encode("utf-8")
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -201,25 +179,18 @@ def export_model(
 
     total = sum(path.stat().st_size for _, path in members)
     progress.stage(f"Writing {target.name}", total)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     try:
         # .pth files are zips already: storing them uncompressed is as small and much faster
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             zf.writestr(f"{name}.yaml", _dump_yaml(packed))
             for arcname, path in members:
                 with open(path, "rb") as src, zf.open(arcname, "w", force_zip64=True) as dst:
                     _copy_stream(src, dst, progress)
-        os.replace(tmp, target)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise PanoptemError(
             f"Could not write {target} ({exc}): check free space and that the folder is "
             "writable."
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -323,41 +294,26 @@ def _extract(zf: zipfile.ZipFile, archive: Path, member: str, target: Path,
     if known_hash:
         alg = _download.check_hash_spec(known_hash)
         hasher = hashlib.new(alg)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as dst, zf.open(member) as src:
-            _copy_stream(src, dst, progress, hasher)
-        with open(tmp, "rb") as f:
-            magic = f.read(4)
-        if magic != b"PK\x03\x04":
-            raise _corrupt(archive, f"'{member}' is not a TorchScript model file")
-        if hasher is not None:
-            expected = known_hash.rpartition(":")[2].lower()
-            if hasher.hexdigest() != expected:
-                raise _corrupt(archive, f"'{member}' does not match the checksum {known_hash} "
-                                        "in its config")
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as dst, zf.open(member) as src:
+                _copy_stream(src, dst, progress, hasher)
+            with open(tmp, "rb") as f:
+                magic = f.read(4)
+            if magic != b"PK\x03\x04":
+                raise _corrupt(archive, f"'{member}' is not a TorchScript model file")
+            if hasher is not None:
+                expected = known_hash.rpartition(":")[2].lower()
+                if hasher.hexdigest() != expected:
+                    raise _corrupt(archive, f"'{member}' does not match the checksum "
+                                            f"{known_hash} in its config")
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise _corrupt(archive, f"'{member}' is damaged ({exc})") from None
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise PanoptemError(
             f"Could not copy '{member}' from {archive} into {target.parent} ({exc}): check "
             f"free space, or point {registry.HOME_ENV} to a writable folder."
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _free_name(name: str, folder: Path) -> str:
-    """``name`` plus "New" until neither a model nor a file in ``folder`` uses it."""
-    taken = set(registry.list_models())
-    while (name in taken or (folder / f"{name}.pth").exists()
-           or (folder / f"{name}_quantized.pth").exists()):
-        name += "New"
-    return name
 
 
 def import_model(
@@ -427,7 +383,7 @@ def import_model(
                     f"Cannot create {folder} ({exc}): make it writable or point "
                     f"{registry.HOME_ENV} to a writable folder."
                 ) from None
-            final = _free_name(registry._check_name(name), folder)
+            final = registry.free_model_name(name, folder)
             jobs = [(float_member, folder / f"{final}.pth", config.get("model_hash"))]
             if quant_member is not None:
                 jobs.append((quant_member, folder / f"{final}_quantized.pth",
@@ -457,10 +413,10 @@ def _rename_files(registered: str, final: str, written: list[Path]) -> None:
     config_path = registry.config_dir() / f"{registered}.yaml"
     config = registry.read_config(config_path)
     for key, path in zip(("model", "model_quantized"), written, strict=False):
-        new = _free_path(path.parent, path.name.replace(final, registered, 1))
+        new = free_path(path.parent / path.name.replace(final, registered, 1))
         os.replace(path, new)
         config[key] = str(new)
-    _write_atomic(config_path, _dump_yaml(config))
+    write_atomic(config_path, _dump_yaml(config))
 
 
 # --------------------------------------------------------------------------------------
@@ -552,9 +508,9 @@ def archive_model(name: str) -> Path:
             real = path.resolve()
             if real not in moves:
                 taken = {dst for _, dst in moves.values()}
-                moves[real] = (path, _free_path(folder, path.name, taken))
+                moves[real] = (path, free_path(folder / path.name, taken))
             archived[key] = str(moves[real][1])
-    yaml_target = _free_path(folder, config_path.name)
+    yaml_target = free_path(folder / config_path.name)
 
     done: list[tuple[Path, Path]] = []
     try:
@@ -562,7 +518,7 @@ def archive_model(name: str) -> Path:
             shutil.move(str(src), str(dst))
             done.append((src, dst))
         if moves:
-            _write_atomic(yaml_target, _dump_yaml(archived))
+            write_atomic(yaml_target, _dump_yaml(archived))
             config_path.unlink()
         else:
             shutil.move(str(config_path), str(yaml_target))

@@ -28,7 +28,6 @@ Nothing is created or changed at import time; folders are created only when writ
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from panoptem import _download
+from panoptem._files import write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress
 
@@ -98,11 +98,27 @@ def _yaml_files(folder: Path) -> dict[str, Path]:
     return {p.name[: -len(".yaml")]: p for p in sorted(folder.glob("*.yaml")) if p.is_file()}
 
 
+#: The order of the built-in models in every list and drop-down: the original's models as
+#: its documentation lists them (MitoNet_v1 first, the one every tutorial starts with), then
+#: panoptem's bundled offline model. Built-ins missing here follow, sorted.
+BUILTIN_ORDER = ("MitoNet_v1", "MitoNet_v1_mini", "NucleoNet_base_v2",
+                 "DropNet_base_v1", "panoptem_mito_small")
+
+#: The model that ships with panoptem and needs no download.
+OFFLINE_MODEL = "panoptem_mito_small"
+
+
+def _builtin_rank(name: str) -> tuple[int, str]:
+    order = BUILTIN_ORDER.index(name) if name in BUILTIN_ORDER else len(BUILTIN_ORDER)
+    return order, name
+
+
 def _config_paths() -> dict[str, Path]:
-    """Model name -> config file, built-ins first (sorted), then user-only configs (sorted)."""
+    """Model name -> config file: built-ins in :data:`BUILTIN_ORDER`, then user-only
+    configs (sorted)."""
     builtin = _yaml_files(_BUILTIN_DIR)
     user = _yaml_files(config_dir())
-    paths = {name: user.get(name, path) for name, path in sorted(builtin.items())}
+    paths = {name: user.get(name, builtin[name]) for name in sorted(builtin, key=_builtin_rank)}
     paths.update((name, path) for name, path in sorted(user.items()) if name not in builtin)
     return paths
 
@@ -110,9 +126,11 @@ def _config_paths() -> dict[str, Path]:
 def list_models() -> list[str]:
     """Names of every available model.
 
-    Built-in names come first (sorted), then user-registered ones (sorted). A user config
-    whose name equals a built-in one replaces it and is listed once, in the built-in's place.
-    The folder is read at every call, so newly registered models show up immediately.
+    MitoNet_v1 comes first, then the original's other built-ins, then panoptem's bundled
+    offline model (:data:`BUILTIN_ORDER`), then user-registered models (sorted). A user
+    config whose name equals a built-in one replaces it and is listed once, in the
+    built-in's place. The folder is read at every call, so newly registered models show up
+    immediately.
     """
     return list(_config_paths())
 
@@ -275,6 +293,26 @@ def _check_name(name: str) -> str:
     return name
 
 
+def free_model_name(name: str, folder: str | os.PathLike | None = None) -> str:
+    """``name``, with "New" appended (as the original) until no registered model has it and,
+    when ``folder`` is given, no ``<name>.pth``, ``<name>_quantized.pth`` or ``<name>.yaml``
+    exists there: the name under which new model files can be written without replacing any.
+    """
+    name = _check_name(name)
+    taken = set(list_models())
+    folder = Path(folder) if folder is not None else None
+
+    def used(n: str) -> bool:
+        if n in taken:
+            return True
+        return folder is not None and any(
+            (folder / f"{n}{end}").exists() for end in (".pth", "_quantized.pth", ".yaml"))
+
+    while used(name):
+        name += "New"
+    return name
+
+
 def _drop_stale_hash(config: dict, key: str, source: str) -> None:
     """Forget ``<key>_hash`` when ``source`` replaces the file it was the checksum of.
 
@@ -378,14 +416,8 @@ def register_model(
     out_dir = config_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".yaml.tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
-            os.replace(tmp, out_dir / f"{name}.yaml")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(out_dir / f"{name}.yaml",
+                     yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     except OSError as exc:
         raise PanoptemError(
             f"Could not write the config into {out_dir} ({exc}). Make the folder writable "

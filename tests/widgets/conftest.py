@@ -12,7 +12,6 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 TEST_MODEL = "SmallTestNet"
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -39,17 +38,6 @@ def notifications(monkeypatch):
 
     monkeypatch.setattr(nt.notification_manager, "dispatch", dispatch)
     return shown
-
-
-@pytest.fixture(scope="session")
-def em_volume() -> np.ndarray:
-    """Real FIB-SEM volume (Lucchi++ crop), 64 x 256 x 256 uint8."""
-    import tifffile
-
-    path = SHARED_DATA / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
-    return tifffile.imread(path)
 
 
 @pytest.fixture

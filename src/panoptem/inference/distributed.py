@@ -35,6 +35,7 @@ from panoptem.inference import preprocess as pre
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.inference.volume import Engine3D, Params3D, Result3D, check_volume
+from panoptem.inference.zarr_store import StoreInfo
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["segment_volume_distributed"]
@@ -60,10 +61,12 @@ class _Job:
     zarr_path: str | None
     out_dir: str
     threads: int | None
+    store_info: StoreInfo | None = None
 
 
 def segment_volume_distributed(model, volume, params2d: Params2D | None = None,
                                params3d: Params3D | None = None, *, devices, zarr_path=None,
+                               store_info: StoreInfo | None = None,
                                progress: Progress | None = None, quantized: bool = False,
                                threads: int | None = None) -> Result3D:
     """Segment a (Z, Y, X) volume with one process per device; same result as :class:`Engine3D`.
@@ -81,7 +84,9 @@ def segment_volume_distributed(model, volume, params2d: Params2D | None = None,
     devices : list of str
         One process per entry, e.g. ``["cuda:0", "cuda:1"]`` or ``["cpu", "cpu"]``; at least two.
     zarr_path : str or Path, optional
-        Rank 0 writes the results into this zarr group; the arrays come back opened read-only.
+        Rank 0 writes the results into this zarr group (the arrays come back opened from it).
+    store_info : StoreInfo, optional
+        As :meth:`Engine3D.segment`.
     progress : Progress, optional
         Receives rank 0's stages and steps; its ``cancel()`` (from any thread) stops the run.
     quantized : bool
@@ -127,7 +132,7 @@ def segment_volume_distributed(model, volume, params2d: Params2D | None = None,
     try:
         job = _Job(model, bool(quantized), tuple(devs), backend, f"tcp://127.0.0.1:{_free_port()}",
                    _source(volume, out_dir), p2, p3, None if zarr_path is None else str(zarr_path),
-                   str(out_dir), threads)
+                   str(out_dir), threads, store_info)
         procs = [ctx.Process(target=_worker, args=(r, job, messages, cancel), daemon=True,
                              name=f"panoptem-rank{r}") for r in range(len(devs))]
         for p in procs:
@@ -259,7 +264,8 @@ def _load(done: dict, out_dir: Path) -> Result3D:
         import zarr
 
         def get(name):
-            return zarr.open_array(str(Path(done["zarr_path"]) / name), mode="r")
+            path = Path(done["zarr_path"]) / name
+            return zarr.open_array(str(path), mode="r+" if os.access(path, os.W_OK) else "r")
     else:
         def get(name):
             return np.load(out_dir / name)
@@ -375,7 +381,8 @@ class _Rank:
             if cancel.is_set():
                 raise Cancelled("cancelled before inference started")
             res = Engine3D(self.engine).segment(self.volume, self.job.p2, p3, zarr_path=self.job.zarr_path,
-                                                progress=prog, outputs_for=outputs_for)
+                                                store_info=self.job.store_info, progress=prog,
+                                                outputs_for=outputs_for)
         finally:
             self._control(0)
         self.messages.put(("done", self._save(res)))

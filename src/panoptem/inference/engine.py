@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from panoptem._params import param
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.postprocess import (
     fill_holes,
+    number_from_one,
     panoptic_from_probs,
     relabel_connected,
     semantic_probabilities,
@@ -26,9 +28,14 @@ from panoptem.inference.postprocess import (
 from panoptem.inference.tiling import segment_tiled, tile_grid
 from panoptem.progress import Progress, ensure_progress
 
-__all__ = ["Params2D", "Engine2D", "DOWNSAMPLING_FACTORS"]
+__all__ = ["Params2D", "Engine2D", "DOWNSAMPLING_FACTORS", "WORKING_DIVISOR"]
 
 DOWNSAMPLING_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+
+#: The label divisor used inside the engine when "Max objects per class" is 0 (no class
+#: offset: the results are then numbered 1..N, as the original's best practices describe
+#: for models whose label divisor is None).
+WORKING_DIVISOR = 2**20
 
 
 @dataclass(frozen=True)
@@ -53,20 +60,41 @@ class Params2D:
     fill_holes : bool
         "Fill holes in segmentation": fill each object's own holes.
     max_objects : int
-        "Max objects per class": the label divisor (id = class * max_objects + k).
+        "Max objects per class": the label divisor (id = class * max_objects + k). 0 means
+        no class offset: the objects are numbered 1..N (all classes together).
     tile_size : int
         "Tile size": 0 for no tiling; otherwise tiles of this many pixels per side.
+
+    Each field also carries the original widget's label, range and choices
+    (:func:`panoptem._params.param_info`), which the widgets and the CLI read.
     """
 
-    downsampling: int = 1
-    confidence_thr: float = 0.5
-    center_confidence_thr: float = 0.1
-    min_distance: int = 3
-    fine_boundaries: bool = False
-    semantic_only: bool = False
-    fill_holes: bool = False
-    max_objects: int = 10000
-    tile_size: int = 0
+    downsampling: int = param(1, "Image Downsampling", choices=DOWNSAMPLING_FACTORS,
+                              help="Downsampling factor to apply before inference")
+    confidence_thr: float = param(0.5, "Segmentation Confidence Thr", min=0.1, max=0.9,
+                                  step=0.1, help="Minimum probability for a pixel to be "
+                                  "segmented")
+    center_confidence_thr: float = param(0.1, "Center Confidence Thr", min=0.05, max=0.9,
+                                         step=0.05, help="Minimum value of an object centre "
+                                         "in the centre heat map")
+    min_distance: int = param(3, "Centers Min Distance", min=1, max=35, step=1,
+                              help="Minimum distance between object centres (heat-map pixels)")
+    fine_boundaries: bool = param(False, "Fine boundaries",
+                                  help="Finer boundaries between objects")
+    semantic_only: bool = param(False, "Semantic only",
+                                help="Only run semantic segmentation for all classes.")
+    fill_holes: bool = param(False, "Fill holes in segmentation",
+                             help="Fill holes inside each object.")
+    max_objects: int = param(10000, "Max objects per class",
+                             help="Maximum number of objects per class: the label divisor "
+                                  "(id = class x divisor + k); 0 numbers objects 1..N.")
+    tile_size: int = param(0, "Tile size", min=0, max=128000, step=1280,
+                           help="Tile size for inference; the whole image is segmented if 0")
+
+    @property
+    def label_divisor(self) -> int:
+        """The divisor the engine works with (:data:`WORKING_DIVISOR` for max_objects 0)."""
+        return int(self.max_objects) or WORKING_DIVISOR
 
     def validated(self) -> Params2D:
         """Return self, or raise PanoptemError naming the parameter to change."""
@@ -86,8 +114,11 @@ class Params2D:
             raise PanoptemError(
                 f"Max objects per class must be a whole number; got {self.max_objects!r}."
             ) from None
-        if max_objects < 2 or max_objects != float(self.max_objects):
-            raise PanoptemError(f"Max objects per class must be a whole number >= 2; got {self.max_objects}.")
+        if max_objects == 1 or max_objects < 0 or max_objects != float(self.max_objects):
+            raise PanoptemError(
+                "Max objects per class must be 0 (number the objects 1..N) or a whole number "
+                f">= 2; got {self.max_objects}."
+            )
         if int(self.tile_size) != self.tile_size or self.tile_size < 0:
             raise PanoptemError(f"Tile size must be 0 (no tiling) or a positive whole number; got {self.tile_size}.")
         return replace(self, max_objects=max_objects, min_distance=int(self.min_distance),
@@ -120,7 +151,9 @@ class Engine2D:
             self.loaded = model
         else:
             self.loaded = load_model(model, device=device, quantized=quantized,
-                                              progress=progress)
+                                     progress=progress)
+        #: The registered name of the model ("" when given as a config or a loaded model).
+        self.model_name = model if isinstance(model, str) else ""
         cfg = self.loaded.config
         self.config = cfg
         self.device = self.loaded.device
@@ -168,13 +201,13 @@ class Engine2D:
                  shape: tuple[int, int]) -> np.ndarray:
         """Panoptic image of ``shape`` from :meth:`outputs`, objects made connected."""
         pan = panoptic_from_probs(
-            probs, ctr, off, thing_list=self.thing_list, label_divisor=p.max_objects,
+            probs, ctr, off, thing_list=self.thing_list, label_divisor=p.label_divisor,
             downsampling=p.downsampling, confidence_thr=p.confidence_thr,
             center_threshold=p.center_confidence_thr, min_distance=p.min_distance,
             semantic_only=p.semantic_only,
         )[: shape[0], : shape[1]]
         if not p.semantic_only:
-            pan = relabel_connected(pan, self.thing_list, p.max_objects)
+            pan = relabel_connected(pan, self.thing_list, p.label_divisor)
         return pan
 
     def _panoptic(self, x255: torch.Tensor, p: Params2D) -> np.ndarray:
@@ -206,7 +239,8 @@ class Engine2D:
 
         Returns
         -------
-        ndarray (H, W) int32 panoptic ids ``class * max_objects + k``.
+        ndarray (H, W) int32 panoptic ids ``class * max_objects + k`` (1..N when
+        ``max_objects`` is 0).
         """
         p = replace(params or Params2D(), **overrides).validated()
         img = pre.check_image_2d(image)
@@ -222,9 +256,11 @@ class Engine2D:
         else:
             things = [] if p.semantic_only else self.thing_list
             out = segment_tiled(img.shape, p.tile_size, lambda t: self._panoptic(x255[t.slices], p),
-                                things, p.max_objects, progress)
+                                things, p.label_divisor, progress)
         if p.fill_holes:
             out = fill_holes(out)
+        if p.max_objects == 0:
+            out = number_from_one(out)
         self.timings["total"] = time.perf_counter() - t0
         return out
 

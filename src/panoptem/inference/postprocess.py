@@ -35,6 +35,7 @@ __all__ = [
     "find_instance_centers",
     "group_pixels",
     "merge_semantic_and_instance",
+    "number_from_one",
     "panoptic_from_heads",
     "panoptic_from_probs",
     "relabel_connected",
@@ -313,3 +314,15 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
         crop[filled & (crop == 0)] = i
     inverse = {new: old for old, new in remap.items()}
     return fastremap.remap(out, inverse, preserve_missing_labels=True).astype(labels.dtype, copy=False)
+
+
+def number_from_one(labels: np.ndarray) -> np.ndarray:
+    """Renumber the non-zero ids of ``labels`` 1..N in increasing order of the old ids.
+
+    Used for "Max objects per class" 0: panoptic ids ``class * divisor + k`` become plain
+    object numbers, so a single-class result is numbered exactly 1..N (its k).
+    """
+    ids = fastremap.unique(labels)
+    ids = ids[ids != 0]
+    mapping = {int(old): new for new, old in enumerate(ids.tolist(), start=1)}
+    return fastremap.remap(labels, mapping, preserve_missing_labels=True).astype(np.int32)

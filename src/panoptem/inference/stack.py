@@ -191,7 +191,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     engine : Engine2D
     volume : array-like (Z, Y, X)
         numpy, zarr or dask; read one slice at a time.
-    params : Params2D (validated); ``max_objects`` is the 3D label divisor.
+    params : Params2D (validated); its ``label_divisor`` is the 3D label divisor.
     axis : "xy", "xz" or "yz"
     median_size : odd int 1..11
     value_range : intensity range for non-uint8 volumes (see :func:`volume_intensity_range`)
@@ -211,7 +211,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     if store is None:
         store = np.zeros((n, h, w), dtype=np.int32)
     prog = ensure_progress(progress)
-    div = params.max_objects
+    div = params.label_divisor
     things = [] if params.semantic_only else list(engine.thing_list)
 
     def model_outputs():

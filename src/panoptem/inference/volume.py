@@ -10,43 +10,72 @@ then the same filters. Results go to numpy arrays or, chunk by chunk, to a zarr 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
+from panoptem._params import param
 from panoptem.errors import PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.inference.postprocess import fill_holes as fill_holes_2d
-from panoptem.inference.zarr_store import ZarrOutput, parse_chunks
+from panoptem.inference.zarr_store import StoreInfo, ZarrOutput, parse_chunks
 from panoptem.progress import Progress, ensure_progress
 
-__all__ = ["Params3D", "Engine3D", "Result3D", "check_volume", "MEDIAN_SIZES"]
+__all__ = ["Params3D", "Engine3D", "Result3D", "check_volume", "MEDIAN_SIZES",
+           "MIN_DISTANCE_MAX_3D", "LABELS_3D"]
 
 MEDIAN_SIZES = (1, 3, 5, 7, 9, 11)
+
+#: The 3D widget's "Centers Min Distance" goes up to 21 (the 2D widget's to 35).
+MIN_DISTANCE_MAX_3D = 21
+
+#: Where the 3D widget words a 2D parameter differently from the 2D widget.
+LABELS_3D = {"fine_boundaries": "Fine Boundaries", "semantic_only": "Semantic Only"}
 
 
 @dataclass(frozen=True)
 class Params3D:
     """The stack, ortho-plane and zarr parameters of the 3D widget (original defaults).
 
-    ``max_objects`` is "Max objects per class in 3D" (the label divisor of the stacks),
-    ``chunk_size`` the zarr chunk text ("256" or "z, y, x").
+    ``max_objects`` is "Max objects per class in 3D" (the label divisor of the stacks; 0
+    numbers the stacks' objects 1..N), ``chunk_size`` the zarr chunk text ("256" or
+    "z, y, x"). The library defaults to stack mode; the widget starts with ortho-plane on,
+    as the original's 1.2.4 widget (``widget_default``).
     """
 
-    median_size: int = 3
-    min_size: int = 500
-    min_extent: int = 5
-    max_objects: int = 10000
-    plane: str = "xy"
-    erode: int = 0
-    dilate: int = 0
-    fill_holes: bool = False
-    ortho_plane: bool = False
-    return_stacks: bool = False
-    vote_thr: int = 2
-    permit_one_stack: bool = False
-    chunk_size: str = "256"
+    median_size: int = param(3, "Median Filter Size", choices=MEDIAN_SIZES,
+                             help="Median filter size")
+    min_size: int = param(500, "Min Size (Voxels)", min=0, max=1_000_000, step=100,
+                          help="Objects with fewer voxels are removed")
+    min_extent: int = param(5, "Min Box Extent", min=0, max=1000, step=1,
+                            help="Objects thinner than this along any axis are removed")
+    max_objects: int = param(10000, "Max objects per class in 3D",
+                             help="Maximum number of objects per class in 3D inference "
+                                  "(the label divisor of the stacks; 0 numbers them 1..N)")
+    plane: str = param("xy", "Inference plane", choices=st.AXES,
+                       help="Image plane along which to run inference. Overwritten, if using "
+                            "ortho-plane.")
+    erode: int = param(0, "Erode Labels", min=0, max=50, step=1,
+                       help="How much to erode labels produced after inference")
+    dilate: int = param(0, "Dilate Labels", min=0, max=50, step=1,
+                        help="How much to dilate labels produced after inference")
+    fill_holes: bool = param(False, "Fill holes in segmentation",
+                             help="Whether to fill holes in the segmentation after inference")
+    ortho_plane: bool = param(False, "Run ortho-plane", widget_default=True,
+                              help="Whether to run orthoplane inference")
+    return_stacks: bool = param(False, "Return xy, xz, yz stacks",
+                                help="Whether to return the inference stacks.")
+    vote_thr: int = param(2, "Voxel Vote Thr Out of 3", min=1, max=3, step=1,
+                          help="Number of votes out of 3 for a voxel to be labeled in the "
+                               "consensus")
+    permit_one_stack: bool = param(False, "Permit detections found in 1 stack into consensus",
+                                   help="Whether to allow detections into consensus that were "
+                                        "picked up by inference in just 1 stack")
+    chunk_size: str = param("256", "Chunk size",
+                            help="Chunk size of the zarr array. Integer or comma separated "
+                                 "list of 3 integers.")
 
     def validated(self) -> Params3D:
         if self.median_size not in MEDIAN_SIZES:
@@ -59,10 +88,21 @@ class Params3D:
             v = getattr(self, name)
             if int(v) != v or v < 0 or (hi is not None and v > hi):
                 raise PanoptemError(f"{name} must be a whole number from 0{'' if hi is None else f' to {hi}'}; got {v}.")
-        if int(self.max_objects) != self.max_objects or self.max_objects < 2:
-            raise PanoptemError(f"Max objects per class in 3D must be a whole number >= 2; got {self.max_objects}.")
+        if int(self.max_objects) != self.max_objects or self.max_objects < 0 or self.max_objects == 1:
+            raise PanoptemError(
+                "Max objects per class in 3D must be 0 (number the objects 1..N) or a whole "
+                f"number >= 2; got {self.max_objects}."
+            )
         parse_chunks(self.chunk_size)
         return replace(self, max_objects=int(self.max_objects))
+
+
+def _image_name(store: Path, model: str) -> str:
+    """``<image>`` of a store named ``<image>_<model>.zarr`` (the widget's naming)."""
+    stem = store.name[: -len(".zarr")] if store.name.lower().endswith(".zarr") else store.name
+    if model and stem.endswith(f"_{model}") and len(stem) > len(model) + 1:
+        return stem[: -len(model) - 1]
+    return stem
 
 
 def check_volume(volume):
@@ -156,7 +196,8 @@ class Engine3D:
         self.labels = [int(c) for c in cfg.get("labels", self.class_names)]
 
     def segment(self, volume, params2d: Params2D | None = None, params3d: Params3D | None = None,
-                *, zarr_path=None, progress: Progress | None = None, outputs_for=None) -> Result3D:
+                *, zarr_path=None, store_info: StoreInfo | None = None,
+                progress: Progress | None = None, outputs_for=None) -> Result3D:
         """Segment a (Z, Y, X) volume (numpy, zarr or dask; read slice by slice).
 
         Parameters
@@ -165,7 +206,12 @@ class Engine3D:
             semantic only); its ``max_objects`` is replaced by ``params3d.max_objects``.
         params3d : stack / ortho-plane / zarr parameters.
         zarr_path : str or Path, optional
-            Write every result array into this zarr group instead of memory.
+            Write every result array into this zarr group instead of memory (arrays of an
+            earlier run with the same names are replaced once the new ones are complete).
+        store_info : StoreInfo, optional
+            Image name, scale and translate recorded in the zarr group for napari, with
+            the model and parameters; default: the store's name without
+            ``_<model>.zarr``, unit scale, zero translate.
         outputs_for : callable(axis) -> iterator of (probs, ctr, off), optional
             Model outputs computed elsewhere (multi-process inference).
 
@@ -210,6 +256,9 @@ class Engine3D:
                 result.classes[name] = zout.commit(name) if zout else arr
             if zout:
                 result.stacks = {ax: zout.commit(f"panoptic_{ax}") for ax in result.stacks}
+                info = store_info or StoreInfo(_image_name(zout.path, self.engine2d.model_name))
+                zout.write_info(info, model=self.engine2d.model_name, params2d=asdict(p2),
+                                params3d=asdict(p3))
         finally:
             if zout:
                 zout.cleanup()
@@ -222,6 +271,8 @@ class Engine3D:
     def _write_stack(self, res: st.StackResult, things, p3, zout, chunks, shape, prog):
         keep = {i: i for c in things for i in res.kept_ids(c, p3.min_size, p3.min_extent)}
         keep.update({i: i for i in res.stats if i % res.label_divisor == 0})
+        if p3.max_objects == 0:  # no class offset: the stack's objects numbered 1..N
+            keep = {i: k for k, i in enumerate(sorted(keep), 1)}
         out = self._new(zout, f"panoptic_{res.axis}", shape, np.int32, chunks)
         _write_remapped(res.store, st.AXES[res.axis], keep, out, np.int32, chunks, prog)
         return out
@@ -252,7 +303,7 @@ class Engine3D:
     def _stuff(self, stacks, c, p3, zout, chunks, shape, prog):
         """A stuff class: its mask from one stack, or the voxel vote of three."""
         name = self.class_names.get(c, str(c))
-        keep = {c * p3.max_objects: 1}
+        keep = {c * next(iter(stacks.values())).label_divisor: 1}
         if len(stacks) == 1:
             ((ax, res),) = stacks.items()
             out = self._new(zout, name, shape, np.uint8, chunks)

@@ -6,17 +6,48 @@ asked, the panoptic stacks ``panoptic_xy``, ``panoptic_xz``, ``panoptic_yz``. Ch
 ``<name>.partial`` and renamed to ``<name>`` only once complete, so a cancelled or failed
 run never leaves an array that looks complete; temporary arrays start with a dot and are
 removed at the end.
+
+When a run completes, the group's ``panoptem`` attribute (:data:`INFO_ATTR`) records what
+napari needs to show the store as the 3D widget shows its results (image name, scale,
+translate; see :class:`StoreInfo`) and the run's model and parameters, whether the run
+came from the widget, the command line or a script. panoptem's reader reads it back.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from panoptem.errors import PanoptemError
 
-__all__ = ["parse_chunks", "ZarrOutput"]
+__all__ = ["parse_chunks", "ZarrOutput", "StoreInfo", "INFO_ATTR"]
+
+#: Group attribute holding the :class:`StoreInfo` and the run's parameters.
+INFO_ATTR = "panoptem"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """How the arrays of a zarr output are shown in napari.
+
+    Attributes
+    ----------
+    image : str
+        Name of the segmented image; layers are ``<image>-<class>-prediction`` and
+        ``<image>-panoptic-stack-<axis>``.
+    scale, translate : (z, y, x) floats
+        The image layer's scale and translate (voxel size and origin).
+    """
+
+    image: str
+    scale: tuple = (1.0, 1.0, 1.0)
+    translate: tuple = (0.0, 0.0, 0.0)
+
+    def as_attrs(self) -> dict:
+        return {"image": str(self.image), "scale": [float(s) for s in self.scale],
+                "translate": [float(t) for t in self.translate]}
 
 
 def parse_chunks(text, shape=None) -> tuple[int, int, int]:
@@ -71,14 +102,19 @@ class ZarrOutput:
         )
 
     def commit(self, name: str):
-        """Rename ``name.partial`` to ``name`` (replacing an older ``name``)."""
+        """Rename ``name.partial`` to ``name`` (replacing an older ``name``); the array is
+        returned writable where the folder allows it, so proofreading edits are saved."""
         import zarr
 
         final = self.path / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(self.path / (name + ".partial"), final)
-        return zarr.open_array(str(final), mode="r")
+        return zarr.open_array(str(final), mode="r+" if os.access(final, os.W_OK) else "r")
+
+    def write_info(self, info: StoreInfo, **run) -> None:
+        """Record ``info`` and the run's model and parameters (``run``) in the group."""
+        self.group.attrs[INFO_ATTR] = {**info.as_attrs(), **run}
 
     def discard(self, name: str) -> None:
         target = self.path / name

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from panoptem import registry
+from panoptem._files import atomic_path, free_path, writable_folder, write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.models import export_torchscript
 from panoptem.models.export import _JIT_DEPRECATION
@@ -57,21 +58,23 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
 
     Returns
     -------
-    ExportedModel with the registered name (``New`` appended if the name was taken).
+    ExportedModel with the registered name: ``New`` is appended (as the original) while the
+    name is registered or ``<name>.pth`` / ``_quantized.pth`` / ``.yaml`` exist in
+    ``model_dir``, so the files of an earlier model are never replaced.
     """
-    if not name or any(c in name for c in '/\\:*?"<>|'):
-        raise PanoptemError(f"Model name {name!r} is not usable as a file name; choose another.")
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = writable_folder(model_dir, "model folder")
+    name = registry.free_model_name(name, model_dir)
     pth = model_dir / f"{name}.pth"
     was_training = model.training
-    if isinstance(model, torch.jit.ScriptModule):  # a finetuned released file: already fused
-        model.eval()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
-            torch.jit.save(model, str(pth))
-    else:
-        export_torchscript(model, pth)
+    with atomic_path(pth) as tmp:
+        if isinstance(model, torch.jit.ScriptModule):  # a finetuned released file: fused
+            model.eval()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_JIT_DEPRECATION,
+                                        category=DeprecationWarning)
+                torch.jit.save(model, str(tmp))
+        else:
+            export_torchscript(model, tmp)
     model.train(was_training)
     if finetune is None:
         finetune = copy.deepcopy(registry.get_config("MitoNet_v1")["FINETUNE"])
@@ -87,8 +90,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
         "description": description or f"{arch} trained with panoptem.",
         "FINETUNE": finetune,
     }
-    cfg_path = model_dir / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg_path = write_atomic(model_dir / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
     final = registry.register_model(name, cfg_path, model=pth) if register else name
     return ExportedModel(final, pth, cfg_path)
 
@@ -98,7 +100,8 @@ def _save_quantized(module, path: Path) -> str | None:
         return None
     from panoptem.models.quantize import save_quantized
 
-    save_quantized(module, path)
+    with atomic_path(path) as tmp:
+        save_quantized(module, tmp)
     return str(path.resolve())
 
 
@@ -156,8 +159,10 @@ def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantiz
     """Export a training checkpoint as a registered TorchScript model (``panoptem export``).
 
     With ``quantize`` the int8 version, calibrated on the images of ``calibration_dir``
-    (dataset layout; the training images), is written and registered with it.
+    (dataset layout; the training images), is written and registered with it. A model
+    folder that cannot be written is refused before any work.
     """
+    writable_folder(model_dir, "model folder")
     model, cfg = load_checkpoint(checkpoint)
     keys = _classes(cfg)
     quantized = None
@@ -183,7 +188,8 @@ def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_con
     config, or its MODEL section, that built it). Calibration uses the images of
     ``calibration_dir`` (dataset layout; the training images). The quantized file is
     written beside the model's ``.pth`` and the registered config's ``model_quantized`` is
-    set to it. Built-in models cannot be changed.
+    set to it (a free name when that file exists: no file is replaced). Built-in models
+    cannot be changed.
     """
     from panoptem.models.quantize import model_from_torchscript, quantize_model, save_quantized
 
@@ -212,9 +218,10 @@ def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_con
     module = quantize_model(model, _calibration(arch, registered["norms"], calibration_dir),
                             already_fused=checkpoint is None, progress=progress)
     folder = model_path.parent if model_path.is_file() else cfg_path.parent
-    out = folder / f"{name}_quantized.pth"
-    save_quantized(module, out)
+    out = free_path(writable_folder(folder, "model folder") / f"{name}_quantized.pth")
+    with atomic_path(out) as tmp:
+        save_quantized(module, tmp)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model_quantized"] = str(out.resolve())
-    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_atomic(cfg_path, yaml.safe_dump(raw, sort_keys=False))
     return out

@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from panoptem import registry
+from panoptem._files import writable_folder
 from panoptem.errors import PanoptemError
 from panoptem.models.export import _JIT_DEPRECATION
 from panoptem.progress import Progress
@@ -45,6 +46,7 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
     """
     if patch_size % 16 or patch_size < 16:
         raise PanoptemError(f"Patch size must be a multiple of 16; got {patch_size}.")
+    writable_folder(model_dir, "model folder")  # refused before any work, not after training
     cfg = registry.get_config(model_name)
     if len(cfg["thing_list"]) != 1 or len(cfg["labels"]) != 1:
         raise PanoptemError(f"Finetuning supports one-class instance models; {model_name} has "

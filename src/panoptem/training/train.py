@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from panoptem import registry
+from panoptem._files import free_path, writable_folder
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress, ensure_progress
 from panoptem.training.augment import augmentations_from_config
@@ -128,7 +129,9 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     mcfg = dict(_require(cfg.get("MODEL"), "MODEL section"))
     name = _require(name or cfg.get("model_name"), "model name (model_name)")
     train_dir = Path(_require(train_dir or tcfg.get("train_dir"), "training folder (TRAIN.train_dir)"))
-    model_dir = Path(_require(model_dir or tcfg.get("model_dir"), "output folder (TRAIN.model_dir)"))
+    model_dir = writable_folder(_require(model_dir or tcfg.get("model_dir"), "output folder (TRAIN.model_dir)"),
+                                "model folder")
+    name = registry.free_model_name(name, model_dir)  # the files of an earlier model stay
     eval_dir = eval_dir or ecfg.get("eval_dir")
     iterations = int(_require(iterations or tcfg.get("iterations"), "number of iterations (TRAIN.iterations)"))
     patch_size = int(patch_size or tcfg.get("patch_size") or 256)
@@ -216,7 +219,7 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
                    f"for {iterations} iterations.")
     cfg["MODEL"], cfg["model_name"], cfg["description"] = mcfg, name, description
     cfg["DATASET"].update(class_names=class_names, labels=labels, thing_list=thing_list, norms=norms)
-    save_checkpoint(model_dir / f"{name}_checkpoint.pth.tar", model, cfg, norms, iterations)
+    save_checkpoint(free_path(model_dir / f"{name}_checkpoint.pth.tar"), model, cfg, norms, iterations)
     quantized = None
     if quantize:
         from panoptem.models.quantize import quantize_model
@@ -226,4 +229,5 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
                                     labels=labels, thing_list=thing_list, norms=norms,
                                     description=description, quantized=quantized)
     return TrainedModel(exported, result.losses, result.evaluations, seconds,
-                        exported.model_path.with_name(f"{name}_quantized.pth") if quantize else None)
+                        exported.model_path.with_name(f"{exported.model_path.stem}_quantized.pth")
+                        if quantize else None)

@@ -1,0 +1,106 @@
+"""Writing files without losing anything: atomic writes, free names, outputs checked early.
+
+Every place in panoptem that writes a file a user may care about (registry configs, model
+archives, exported models, label images, zarr results) goes through these helpers:
+
+* :func:`atomic_path` / :func:`write_atomic` write beside the target and rename only when
+  the new file is complete, so a crash or cancel never leaves a half-written file under the
+  final name, and an older file is replaced only by a complete new one.
+* :func:`free_path` picks ``name_1.ext``, ``name_2.ext``, ... when a name is in use, so
+  nothing is overwritten silently.
+* :func:`writable_folder` and :func:`check_output` refuse an output that cannot be written
+  (or that exists) with a one-line :class:`~panoptem.errors.PanoptemError`, before any
+  work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from panoptem.errors import PanoptemError
+
+__all__ = ["atomic_path", "write_atomic", "free_path", "writable_folder", "check_output"]
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it to ``target`` on success.
+
+    The temporary file is removed when the block raises (including a cancel), and an
+    existing ``target`` stays as it was.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomic(target: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (text as UTF-8) to ``target`` atomically; return ``target``."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return target
+
+
+def free_path(path: str | os.PathLike, taken: set | frozenset = frozenset()) -> Path:
+    """``path``, or ``<stem>_1<suffix>``, ``<stem>_2<suffix>``, ... if that name is in use.
+
+    A name is in use when a file or folder of that name exists or it is in ``taken``
+    (paths chosen earlier in the same operation). The suffix is the last one only
+    (``a.tar.gz`` -> ``a.tar_1.gz``), except for folders such as ``x.zarr``.
+    """
+    path = Path(path)
+    candidate, n = path, 0
+    while candidate.exists() or candidate in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
+def writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and check that files can be written in it.
+
+    Raises
+    ------
+    PanoptemError
+        One line naming the folder, the reason and what to do.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise PanoptemError(f"The {what} {folder} is a file, not a folder; choose a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".panoptem-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise PanoptemError(
+            f"Cannot write to the {what} {folder} ({reason}); choose a folder you can write to."
+        ) from None
+    return folder
+
+
+def check_output(path: str | os.PathLike, what: str = "output", overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output file or folder that cannot or may not be written.
+
+    The parent folder is created if needed and must be writable; an existing ``path`` is an
+    error unless ``overwrite`` (nothing a user made is replaced silently).
+    """
+    path = Path(path).expanduser()
+    writable_folder(path.parent, what=f"folder of the {what}")
+    if path.exists() and not overwrite:
+        raise PanoptemError(
+            f"The {what} {path} already exists; choose another name, move it away, or "
+            "allow overwriting (--overwrite)."
+        )
+    return path
