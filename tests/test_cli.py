@@ -238,3 +238,100 @@ def test_evaluate_command(tmp_path, capsys):
     assert json.loads(out.out)["tp"] == 2 and "evaluating" not in out.err
     assert main(args) == 0 and "evaluating slices" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "nope.tif")]) == 2
+
+
+# ----------------------------------------------------------------------------- nothing lost
+@pytest.fixture
+def no_inference(monkeypatch):
+    """Fails the test if a model is loaded: the refusals below come before any work."""
+    from panoptem import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output was checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["segment", "segment3d"])
+@pytest.mark.parametrize("where", ["proc", "under-a-file"])
+def test_unwritable_output_is_refused_before_any_work(
+    tmp_path, registered, em_volume_tif, capsys, no_inference, command, where
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    folder = "/proc/panoptem-test" if where == "proc" else str(blocker)
+    out = f"{folder}/out.{'tif' if command == 'segment' else 'zarr'}"
+    src = em_volume_tif
+    if command == "segment":
+        src = tmp_path / "img.tif"
+        tifffile.imwrite(src, tifffile.imread(em_volume_tif)[0])
+    assert main([command, str(src), "-o", out, "--model", registered, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("panoptem: error: ")
+    if where == "proc":
+        assert "Cannot write to the folder of the output /proc/panoptem-test" in err[0]
+        assert "choose a folder you can write to" in err[0]
+    else:
+        assert f"{blocker} is a file, not a folder; choose a folder" in err[0]
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_existing_output_is_kept_unless_overwrite(
+    tmp_path, registered, em_volume_tif, capsys, suffix
+):
+    out = tmp_path / f"seg{suffix}"
+    args = ["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered, "--quiet",
+            "--min-size", "20"]
+    assert main(args) == 0
+    produced = out if suffix == ".zarr" else out
+    stamp = produced.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert produced.stat().st_mtime_ns == stamp
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_segment_existing_output_and_overwrite(tmp_path, registered, lucchi_image, capsys):
+    src = tmp_path / "img.png"
+    Image.fromarray(lucchi_image[:64, :64]).save(src)
+    out = tmp_path / "labels.tif"
+    out.write_bytes(b"the user's own file")
+    assert main(["segment", str(src), "-o", str(out), "--model", registered, "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's own file"
+    assert main(["segment", str(src), "-o", str(out), "--model", registered, "--quiet",
+                 "--overwrite"]) == 0
+    assert tifffile.imread(out).shape == (64, 64)
+
+
+def test_segment3d_zarr_records_what_the_reader_needs(tmp_path, registered, em_volume_tif):
+    import zarr
+
+    out = tmp_path / "seg.zarr"
+    assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered,
+                 "--quiet", "--min-size", "20", "--scale", "4,2,2", "--max-objects", "0"]) == 0
+    info = zarr.open_group(str(out), mode="r").attrs["panoptem"]
+    assert info["image"] == em_volume_tif.stem and info["scale"] == [4.0, 2.0, 2.0]
+    assert info["translate"] == [0.0, 0.0, 0.0] and info["model"] == registered
+    assert info["params3d"]["min_size"] == 20 and info["params3d"]["max_objects"] == 0
+    assert info["params2d"]["confidence_thr"] == 0.5
+
+
+def test_cli_defaults_are_the_dataclass_defaults():
+    from dataclasses import asdict
+
+    from panoptem._params import param_info
+    from panoptem.cli import build_parser
+    from panoptem.inference.engine import Params2D
+    from panoptem.inference.volume import Params3D
+
+    args = vars(build_parser().parse_args(["segment", "x.tif", "-o", "y.tif"]))
+    assert {k: args[k] for k in asdict(Params2D())} == asdict(Params2D())
+    args3 = vars(build_parser().parse_args(["segment3d", "x.tif", "-o", "y.zarr"]))
+    assert {k: args3[k] for k in asdict(Params3D())} == asdict(Params3D())
+    for name in ("downsampling", "confidence_thr", "center_confidence_thr", "min_distance"):
+        assert args3[name] == getattr(Params2D(), name)
+    helps = build_parser()._subparsers._group_actions[0].choices["segment"].format_help()
+    for name in asdict(Params2D()):
+        assert param_info(Params2D, name).label in " ".join(helps.split())

@@ -24,7 +24,6 @@ from panoptem.training.datasets import (
     sampling_weights,
 )
 from panoptem.training.targets import heatmap_and_offsets, panoptic_targets
-
 from testutils import EM_DATA
 
 

@@ -191,3 +191,23 @@ def test_bad_parameters_are_clear_errors(field, value, match):
 def test_unknown_model_name():
     with pytest.raises(PanoptemError, match="MitoNet_v1"):
         Engine2D("NoSuchModel")
+
+
+@pytest.mark.parametrize("extra", [{}, {"tile_size": 128}, {"semantic_only": True}],
+                         ids=["whole", "tiled", "semantic"])
+def test_max_objects_0_numbers_the_objects_from_1(engine, crop, extra):
+    """ "Max objects per class" 0 (the original's advice for models whose label divisor is
+    None): no class offset, the objects numbered 1..N in the order of their panoptic ids."""
+    ref = engine.segment(crop, **extra)
+    out = engine.segment(crop, max_objects=0, **extra)
+    ids = np.unique(ref[ref > 0])
+    assert len(ids) >= (1 if extra.get("semantic_only") else 3)
+    np.testing.assert_array_equal(np.unique(out), np.arange(len(ids) + 1))
+    lut = dict(zip(ids.tolist(), range(1, len(ids) + 1), strict=True))
+    np.testing.assert_array_equal(out, np.vectorize(lambda v: lut.get(v, 0))(ref))
+
+
+@pytest.mark.parametrize("bad", [1, -3, 2.5, "ten"])
+def test_max_objects_must_be_0_or_at_least_2(engine, crop, bad):
+    with pytest.raises(PanoptemError, match="must be 0 .* or a whole number >= 2"):
+        engine.segment(crop, max_objects=bad)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
 from panoptem.errors import PanoptemError
 from panoptem.evaluation import Metrics, evaluate, evaluate_files, mask_from_file_array
-
 from testutils import EM_DATA
 
 LUCCHI_MASK = EM_DATA / "lucchi_test_0000_mask.png"

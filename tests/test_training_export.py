@@ -55,3 +55,44 @@ def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
         norms=norms,
     )
     assert again.name == "MyFinetunedNew"
+
+
+def _export(model, name, folder):
+    return export_trained_model(model, name, folder, arch=SMALL_ARCH["arch"],
+                                class_names={1: "mito"}, labels=[1], thing_list=[1],
+                                norms={"mean": 0.57571, "std": 0.12765})
+
+
+def test_a_second_model_with_the_same_name_keeps_the_first_ones_weights(tmp_path):
+    """Finetuning twice with the default name into one folder: the second model gets a
+    fresh name and fresh files; the first still loads its own weights."""
+    first, second = untrained_model(SMALL_ARCH, seed=1), untrained_model(SMALL_ARCH, seed=2)
+    folder = tmp_path / "models"
+    a = _export(first, "FinetunedModel", folder)
+    before = a.model_path.read_bytes()
+    # the registry entry is gone (e.g. archived by hand), but the files are still there
+    (registry.config_dir() / "FinetunedModel.yaml").unlink()
+    b = _export(second, "FinetunedModel", folder)
+    assert b.name == "FinetunedModelNew"
+    assert b.model_path == folder / "FinetunedModelNew.pth" and b.config_path.name == "FinetunedModelNew.yaml"
+    assert a.model_path.read_bytes() == before  # the first model's weights are untouched
+    registry.register_model("FinetunedModel", a.config_path)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        ref = first.eval()(x, 2, True)["sem_logits"]
+        got_a = registry.load_model("FinetunedModel").module(x, 2, True)["sem_logits"]
+        got_b = registry.load_model("FinetunedModelNew").module(x, 2, True)["sem_logits"]
+    torch.testing.assert_close(got_a, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got_a, got_b)
+
+
+def test_an_unwritable_model_folder_is_refused(tmp_path):
+    import pytest
+
+    from panoptem.errors import PanoptemError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PanoptemError, match="Cannot write to the model folder"):
+        _export(untrained_model(SMALL_ARCH), "X", blocker / "models")
+    assert "X" not in registry.list_models()

@@ -176,3 +176,33 @@ def test_stuff_class_is_a_uint8_mask_in_stack_and_ortho(tmp_path, small_vol):
         assert sorted(res.classes) == ["er", "mito"]
         er = res.classes["er"]
         assert er.dtype == np.uint8 and set(np.unique(er)) <= {0, 1}
+
+
+def test_max_objects_0_in_3d(engine3d, small_vol):
+    """0 works in 3D as in 2D: the class volume is the same (numbered 1..N as always) and
+    the panoptic stack's objects are numbered 1..N without the class offset."""
+    p3 = dict(min_size=30, min_extent=2, return_stacks=True)
+    ref = engine3d.segment(small_vol, P2, Params3D(**p3))
+    out = engine3d.segment(small_vol, P2, Params3D(max_objects=0, **p3))
+    np.testing.assert_array_equal(out.classes["mito"], ref.classes["mito"])
+    stack, ref_stack = out.stacks["xy"], ref.stacks["xy"]
+    ids = np.unique(ref_stack[ref_stack > 0])
+    assert len(ids) > 1 and (ids // 10000 == 1).all()
+    np.testing.assert_array_equal(np.unique(stack), np.arange(len(ids) + 1))
+    np.testing.assert_array_equal(stack > 0, ref_stack > 0)
+
+
+def test_zarr_output_records_image_name_scale_and_parameters(engine3d, small_vol, tmp_path):
+    import zarr
+
+    from panoptem.inference.zarr_store import StoreInfo
+
+    p3 = Params3D(min_size=30)
+    engine3d.segment(small_vol, P2, p3, zarr_path=tmp_path / "cell_Model.zarr")
+    info = zarr.open_group(str(tmp_path / "cell_Model.zarr"), mode="r").attrs["panoptem"]
+    assert info["image"] == "cell_Model" and info["scale"] == [1.0, 1.0, 1.0]  # no model name
+    assert info["params3d"]["min_size"] == 30
+    engine3d.segment(small_vol, P2, p3, zarr_path=tmp_path / "b.zarr",
+                     store_info=StoreInfo("cell", (3, 2, 2), (1, 0, 0)))
+    info = zarr.open_group(str(tmp_path / "b.zarr"), mode="r").attrs["panoptem"]
+    assert (info["image"], info["scale"], info["translate"]) == ("cell", [3, 2, 2], [1, 0, 0])

@@ -259,11 +259,9 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_segment(args) -> int:
     from panoptem._files import check_output
-    from panoptem.inference.engine import Engine2D
+    from panoptem.inference.engine import Engine2D, Params2D
     from panoptem.io import IMAGE_SUFFIXES, read_image, write_labels
     from panoptem.progress import TextProgress
-
-    from panoptem.inference.engine import Params2D
 
     params = _params(args, Params2D, _FIELDS_2D)
     src, out = Path(args.image), Path(args.output)

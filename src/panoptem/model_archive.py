@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from panoptem import _download, registry
-from panoptem._files import atomic_path, free_path, write_atomic
+from panoptem._files import atomic_path, free_path, writable_folder, write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress, ensure_progress
 
@@ -47,6 +47,7 @@ __all__ = [
     "ARCHIVE_SUFFIX",
     "models_dir",
     "archived_dir",
+    "archive_path",
     "export_model",
     "import_model",
     "archive_model",
@@ -94,7 +95,10 @@ def _dump_yaml(config: dict) -> bytes:
 # --------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------
-def _archive_target(name: str, out_path: str | os.PathLike) -> Path:
+def archive_path(name: str, out_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The archive file :func:`export_model` writes for ``out_path`` (a folder, or a file
+    name ending in ``.empanada``), checked before any work: the folder is created and must
+    be writable, and an existing archive is an error unless ``overwrite``."""
     out = Path(out_path).expanduser()
     if out.suffix.lower() == ARCHIVE_SUFFIX:
         folder = out.parent
@@ -105,12 +109,12 @@ def _archive_target(name: str, out_path: str | os.PathLike) -> Path:
                 f"<folder>/{name}{ARCHIVE_SUFFIX}) or a file name ending in {ARCHIVE_SUFFIX}."
             )
         folder, out = out, out / f"{name}{ARCHIVE_SUFFIX}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    writable_folder(folder, "export folder")
+    if out.exists() and not overwrite:
         raise PanoptemError(
-            f"Cannot create the export folder {folder} ({exc}): choose a writable folder."
-        ) from None
+            f"{out} already exists and is kept: choose another folder, or delete or "
+            "rename that file first (from Python, overwrite=True replaces it)."
+        )
     return out.absolute()
 
 
@@ -156,12 +160,7 @@ def export_model(
     """
     progress = ensure_progress(progress)
     config = registry.get_config(name)
-    target = _archive_target(name, out_path)
-    if target.exists() and not overwrite:
-        raise PanoptemError(
-            f"{target} already exists and is kept: choose another folder, or delete or "
-            "rename that file first (from Python, overwrite=True replaces it)."
-        )
+    target = archive_path(name, out_path, overwrite)
 
     model_file = registry.fetch_file(config["model"], config.get("model_hash"), progress)
     quant_file = None

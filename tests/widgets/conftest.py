@@ -1,10 +1,10 @@
-"""Fixtures for the napari widget tests (run under xvfb: ``xvfb-run -a python -m pytest``)."""
+"""Fixtures for the napari widget tests (run under xvfb: ``xvfb-run -a python -m pytest``).
+
+Widgets are opened only the ways a user opens them (see ``widgetutils.py``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import yaml
 
@@ -12,7 +12,6 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 TEST_MODEL = "SmallTestNet"
-
 
 @pytest.fixture
 def registered_model(small_config, tmp_path) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from widgetutils import click, open_from_menu
 
 from panoptem import loading
 from panoptem.inference.engine import Engine2D, Params2D
@@ -21,16 +22,17 @@ def em_image(lucchi_image) -> np.ndarray:
     return np.ascontiguousarray(lucchi_image[200:456, 300:620])
 
 
+TITLE = "2D Inference (Parameter Testing)"
+
+
 @pytest.fixture
 def make_widget(make_napari_viewer, registered_model):
-    """``viewer, widget = make_widget()``: a viewer with the 2D widget docked."""
+    """``viewer, widget = make_widget()``: a viewer with the 2D widget opened from the
+    Plugins menu, set to the small test model on the CPU."""
 
     def make(**viewer_kwargs):
-        from panoptem._widgets.inference_2d import inference_2d_widget
-
         viewer = make_napari_viewer(**viewer_kwargs)
-        widget = inference_2d_widget(viewer)
-        viewer.window.add_dock_widget(widget)
+        widget = open_from_menu(viewer, TITLE)
         widget.model_config.value = registered_model
         widget.use_quantized.value = False
         return viewer, widget
@@ -42,7 +44,7 @@ def run(widget, wait_job, **values):
     widget.reset_choices()
     for name, value in values.items():
         getattr(widget, name).value = value
-    return wait_job(widget())
+    return wait_job(click(widget))
 
 
 def expected(registered_model, image, roi=None, **params):
@@ -248,7 +250,7 @@ def test_conflicting_options_are_notifications(make_widget, notifications, em_vo
         "viewport-xz": "not supported for xz planes",
         "shape-mismatch": "Output layer must have the same shape as the input image",
         "batch+roi": "Batch mode is not compatible with ROI inference",
-        "bad-max-objects": "Max objects per class must be a whole number",
+        "bad-max-objects": "Max objects per class must be 0 (number the objects 1..N) or a whole number",
     }[case]
     if case == "batch+output":
         target = viewer.add_labels(np.zeros(vol.shape, np.int32))
@@ -270,7 +272,7 @@ def test_conflicting_options_are_notifications(make_widget, notifications, em_vo
     else:
         widget.maximum_objects_per_class.value = "ten thousand"
     n_layers = len(viewer.layers)
-    assert widget() is None
+    assert click(widget) is None
     assert any(level == "error" and expect in text for level, text in notifications)
     assert len(viewer.layers) == n_layers
 
@@ -307,7 +309,7 @@ def test_cancel_stops_a_tiled_run(make_widget, wait_job, notifications, lucchi_i
     widget.reset_choices()
     widget.image_layer.value = layer
     widget.tile_size.value = 128
-    job = widget()
+    job = click(widget)
     job.cancel()
     wait_job(job)
     assert type(job.error).__name__ == "Cancelled"
@@ -347,7 +349,7 @@ def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lu
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
     timer.start(10)
-    job = widget()
+    job = click(widget)
     job._relay.update.connect(lambda *_: bars.append((job.bar.desc, job.bar.n, job.bar.total)))
     wait_job(job)
     timer.stop()
@@ -359,10 +361,8 @@ def test_gui_stays_responsive_and_the_bar_counts_tiles(make_widget, wait_job, lu
 
 def test_fields_labels_defaults_and_button(make_napari_viewer, registered_model):
     """Labels, defaults, ranges and the button text are the original's (reference §5)."""
-    from panoptem._widgets.inference_2d import inference_2d_widget
-
     viewer = make_napari_viewer()
-    w = inference_2d_widget(viewer)
+    w = open_from_menu(viewer, TITLE)
     assert w._call_button.text == "Run 2D Inference"
     assert registered_model in w.model_config.choices
     labels = {
@@ -468,20 +468,27 @@ def test_bad_input_is_a_notification(make_widget, notifications, em_volume, case
     values = {"image_layer": layer, **values}
     for name, value in values.items():
         getattr(widget, name).value = value
-    assert widget() is None
+    assert click(widget) is None
     errors = [text for level, text in notifications if level == "error"]
     assert any(message in text for text in errors), errors
     assert len(viewer.layers) == n_layers
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_use_gpu_without_cuda_is_a_notification(make_widget, wait_job, notifications, em_image):
+def test_use_gpu_without_cuda_runs_on_the_cpu_with_one_notice(
+    make_widget, wait_job, notifications, registered_model, em_image
+):
+    """As the original, a ticked "Use GPU" without CUDA runs on the CPU; one notice says so."""
     viewer, widget = make_widget()
     layer = viewer.add_image(em_image[:64, :64])
     job = run(widget, wait_job, image_layer=layer, use_gpu=True)
-    assert type(job.error).__name__ == "PanoptemError"
-    assert any(level == "error" and "CUDA is not available" in t for level, t in notifications)
-    assert "empanada_seg_2d" not in viewer.layers
+    assert job.error is None
+    gpu_notes = [t for level, t in notifications if "Use GPU" in t]
+    assert len(gpu_notes) == 1 and "running on the CPU" in gpu_notes[0]
+    assert not [t for level, t in notifications if level == "error"]
+    np.testing.assert_array_equal(
+        viewer.layers["empanada_seg_2d"].data, expected(registered_model, em_image[:64, :64])
+    )
 
 
 def test_multiscale_confine_to_viewport(make_widget, wait_job, registered_model, lucchi_image):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from widgetutils import click, open_from_menu
 
 from panoptem.inference.engine import Params2D
 from panoptem.inference.volume import Engine3D, Params3D
@@ -34,14 +35,12 @@ def no_job_left_running(qtbot):
 
 @pytest.fixture
 def make_widget(make_napari_viewer, registered_model):
-    """``viewer, widget = make_widget()``: a viewer with the 3D widget docked, CPU float model."""
+    """``viewer, widget = make_widget()``: a viewer with the 3D widget opened from the Plugins
+    menu, set to the small test model, CPU, float."""
 
     def make():
-        from panoptem._widgets.inference_3d import inference_3d_widget
-
         viewer = make_napari_viewer()
-        widget = inference_3d_widget(viewer)
-        viewer.window.add_dock_widget(widget)
+        widget = open_from_menu(viewer, "3D Inference")
         widget.model_config.value = registered_model
         widget.use_gpu.value = False
         widget.use_quantized.value = False
@@ -54,7 +53,7 @@ def start(widget, **values):
     widget.reset_choices()
     for name, value in values.items():
         getattr(widget, name).value = value
-    return widget()
+    return click(widget)
 
 
 def headless(model, volume, zarr_path=None, **p3):
@@ -455,12 +454,76 @@ def test_multiscale_quantized_and_the_model_is_kept(
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-def test_use_gpu_without_cuda_is_a_notification(make_widget, wait_job, notifications, em_volume):
+def test_use_gpu_without_cuda_runs_on_the_cpu_with_one_notice(
+    make_widget, wait_job, notifications, em_volume
+):
     viewer, w = make_widget()
     image = viewer.add_image(em_volume[:4, :32, :32])
-    job = wait_job(start(w, image_layer=image, use_gpu=True, orthoplane=False))
-    assert type(job.error).__name__ == "PanoptemError"
-    assert any(
-        level == "error" and "CUDA is not available" in text for level, text in notifications
-    )
+    job = wait_job(start(w, image_layer=image, use_gpu=True, orthoplane=False, **FAST))
+    assert job.error is None
+    gpu_notes = [t for level, t in notifications if "Use GPU" in t]
+    assert len(gpu_notes) == 1 and "running on the CPU" in gpu_notes[0]
+    assert len(viewer.layers) == 2  # the image and its mito layer
+
+
+def test_cli_store_opens_as_the_widget_store(make_widget, wait_job, registered_model, em_volume,
+                                             tmp_path):
+    """A store written by ``panoptem segment3d`` opens through File > Open with the same
+    layer names, scale and data as one written by the 3D widget."""
+    import tifffile
+
+    from panoptem.cli import main
+
+    vol = np.ascontiguousarray(em_volume[:6, :40, :48])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="vol", scale=SCALE)
+    job = wait_job(start(w, image_layer=image, orthoplane=False, return_panoptic=True,
+                         store_dir=str(tmp_path / "widget"), **FAST), timeout=SLOW_MS)
+    assert job.error is None
+    tifffile.imwrite(tmp_path / "vol.tif", vol)
+    args = ["segment3d", str(tmp_path / "vol.tif"), "-o", str(tmp_path / "cli" / "vol.zarr"),
+            "--model", registered_model, "--scale", "3,2,2", "--return-stacks", "--quiet",
+            "--min-size", "50", "--min-extent", "2"]
+    assert main(args) == 0
+    shown = {}
+    for source, store in (("widget", tmp_path / "widget" / f"vol_{registered_model}.zarr"),
+                          ("cli", tmp_path / "cli" / "vol.zarr")):
+        viewer.layers.clear()
+        viewer.open(str(store), plugin="panoptem")
+        shown[source] = [(lay.name, tuple(lay.scale), np.asarray(lay.data[:]))
+                         for lay in viewer.layers]
+    assert [s[:2] for s in shown["cli"]] == [s[:2] for s in shown["widget"]] == [
+        ("vol-panoptic-stack-xy", SCALE), ("vol-mito-prediction", SCALE)]
+    for (_, _, a), (_, _, b) in zip(shown["cli"], shown["widget"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert shown["cli"][1][2].any()
+
+
+def test_a_second_run_never_replaces_the_first_store(make_widget, wait_job, registered_model,
+                                                     em_volume, tmp_path, notifications):
+    vol = np.ascontiguousarray(em_volume[:4, :32, :32])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="vol")
+    first = tmp_path / f"vol_{registered_model}.zarr"
+    values = dict(image_layer=image, orthoplane=False, store_dir=str(tmp_path), min_size=10,
+                  min_extent=1)
+    assert wait_job(start(w, **values), timeout=SLOW_MS).error is None
+    stamp = {p.name: p.stat().st_mtime_ns for p in (first / "mito").rglob("*") if p.is_file()}
+    assert wait_job(start(w, **values, confidence_thr=0.3), timeout=SLOW_MS).error is None
+    second = tmp_path / f"vol_{registered_model}_1.zarr"
+    assert (second / "mito").is_dir()
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in (first / "mito").rglob("*")
+                     if p.is_file()}
+    assert any(str(second) in t for level, t in notifications if level == "info")
+
+
+def test_an_unwritable_zarr_directory_is_refused_before_the_run(make_widget, notifications,
+                                                                em_volume, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    viewer, w = make_widget()
+    image = viewer.add_image(np.ascontiguousarray(em_volume[:4, :32, :32]))
+    assert start(w, image_layer=image, store_dir=str(blocker / "results")) is None
+    errors = [t for level, t in notifications if level == "error"]
+    assert any("Cannot write to the zarr directory" in t for t in errors), errors
     assert len(viewer.layers) == 1

@@ -1,4 +1,5 @@
-"""Helpers the panoptem widgets share: the model drop-down, device choices, messages.
+"""Helpers the panoptem widgets share: fields from the parameter dataclasses, the model
+drop-down, device choices, the ROI default, messages, and the plane a 2D widget works on.
 
 The model drop-down lists :func:`panoptem.registry.list_models` afresh whenever napari
 resets widget choices (layer changes), when the widget is shown and when the user clicks
@@ -14,10 +15,13 @@ import numpy as np
 from qtpy.QtCore import QEvent, QObject
 
 from panoptem import registry
+from panoptem._params import param_info
 from panoptem._widgets import _settings
 from panoptem.errors import PanoptemError
 
 __all__ = [
+    "param_options",
+    "default_roi_layer",
     "model_choices",
     "model_combo_options",
     "install_model_refresh",
@@ -31,6 +35,45 @@ __all__ = [
     "current_plane",
     "roi_mask",
 ]
+
+
+def param_options(cls, name: str, widget_type: str | None = None, **overrides) -> dict:
+    """magicgui options of a field that shows parameter ``name`` of dataclass ``cls``.
+
+    Label (or check-box text), starting value, range, step, choices and tooltip come from
+    the dataclass (:func:`panoptem._params.param_info`); ``overrides`` replace single
+    options where one widget words or bounds a parameter differently (the 3D widget).
+    A "LineEdit" shows the value as text (the original's "Max objects per class").
+    """
+    info = param_info(cls, name)
+    if widget_type is None:
+        kind = type(info.default)
+        widget_type = ("CheckBox" if kind is bool else "ComboBox" if info.choices
+                       else "FloatSpinBox" if kind is float else "SpinBox" if kind is int
+                       else "LineEdit")
+    value = info.widget_default
+    opts: dict = {"widget_type": widget_type, "tooltip": info.help,
+                  "value": str(value) if widget_type == "LineEdit" else value}
+    opts["text" if widget_type == "CheckBox" else "label"] = info.label
+    if info.choices and widget_type == "ComboBox":
+        opts["choices"] = list(info.choices)
+    for key in ("min", "max", "step"):
+        if getattr(info, key) is not None and widget_type != "LineEdit":
+            opts[key] = getattr(info, key)
+    opts.update(overrides)
+    return opts
+
+
+def default_roi_layer(viewer):
+    """The ROI layer a 2D run uses unless one is chosen: the first Shapes layer, else the
+    first Labels layer (None when there is neither)."""
+    from napari.layers import Labels, Shapes
+
+    for kind in (Shapes, Labels):
+        for layer in viewer.layers:
+            if isinstance(layer, kind):
+                return layer
+    return None
 
 
 def model_choices(*_args) -> list[str]:
@@ -80,8 +123,18 @@ def default_use_quantized() -> bool:
 
 
 def device_name(use_gpu: bool) -> str:
-    """The torch device of the "Use GPU" box (the first GPU, as the original)."""
-    return "cuda" if use_gpu else "cpu"
+    """The torch device of the "Use GPU" box: the first GPU, as the original; without CUDA
+    the CPU, with one notice saying so (the original ignores the box there)."""
+    if not use_gpu:
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    from napari.utils.notifications import show_warning
+
+    show_warning("'Use GPU' is ticked but no CUDA GPU is available here: running on the CPU.")
+    return "cpu"
 
 
 def require(condition: bool, message: str) -> None:

@@ -15,7 +15,7 @@ through napari's undo history.
 
 import napari
 import numpy as np
-from magicgui import magicgui
+from magicgui.widgets import FunctionGui
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_error
 
@@ -23,48 +23,39 @@ from panoptem._widgets import _common as common
 from panoptem._widgets import _settings
 from panoptem._widgets._worker import start_job
 from panoptem.errors import PanoptemError
-from panoptem.inference.engine import DOWNSAMPLING_FACTORS, Params2D
+from panoptem.inference.engine import Params2D
 from panoptem.inference.preprocess import check_image_2d
 
-__all__ = ["inference_2d_widget", "LAYER_NAME"]
+__all__ = ["Inference2D", "LAYER_NAME"]
 
 #: Name of the layer a 2D run adds (the original's).
 LAYER_NAME = "empanada_seg_2d"
 
 
 def _options(viewer) -> dict:
+    """magicgui options of the fields; the parameters' own come from :class:`Params2D`."""
+
     def roi_layers(_widget=None):
         return [(lay.name, lay) for lay in viewer.layers if isinstance(lay, Shapes | Labels)]
 
+    def p2(name: str, widget_type: str | None = None) -> dict:
+        return common.param_options(Params2D, name, widget_type)
+
     return dict(
         model_config=common.model_combo_options(),
-        downsampling=dict(widget_type="ComboBox", choices=list(DOWNSAMPLING_FACTORS), value=1,
-                          label="Image Downsampling",
-                          tooltip="Downsampling factor to apply before inference"),
-        confidence_thr=dict(widget_type="FloatSpinBox", value=0.5, min=0.1, max=0.9, step=0.1,
-                            label="Segmentation Confidence Thr"),
-        center_confidence_thr=dict(widget_type="FloatSpinBox", value=0.1, min=0.05, max=0.9,
-                                   step=0.05, label="Center Confidence Thr"),
-        min_distance_object_centers=dict(widget_type="SpinBox", value=3, min=1, max=35, step=1,
-                                         label="Centers Min Distance"),
-        fine_boundaries=dict(widget_type="CheckBox", text="Fine boundaries", value=False,
-                             tooltip="Finer boundaries between objects"),
-        semantic_only=dict(widget_type="CheckBox", text="Semantic only", value=False,
-                           tooltip="Only run semantic segmentation for all classes."),
-        fill_holes_in_segmentation=dict(widget_type="CheckBox", text="Fill holes in segmentation",
-                                        value=False,
-                                        tooltip="Fill holes inside each object."),
-        maximum_objects_per_class=dict(widget_type="LineEdit", value="10000",
-                                       label="Max objects per class",
-                                       tooltip="Maximum number of objects per class (the label "
-                                               "divisor of multiclass segmentations)."),
-        tile_size=dict(widget_type="SpinBox", value=0, min=0, max=128000, step=1280,
-                       label="Tile size",
-                       tooltip="Tile size for inference; the whole image is segmented if 0"),
+        downsampling=p2("downsampling"),
+        confidence_thr=p2("confidence_thr"),
+        center_confidence_thr=p2("center_confidence_thr"),
+        min_distance_object_centers=p2("min_distance"),
+        fine_boundaries=p2("fine_boundaries"),
+        semantic_only=p2("semantic_only"),
+        fill_holes_in_segmentation=p2("fill_holes"),
+        maximum_objects_per_class=p2("max_objects", "LineEdit"),
+        tile_size=p2("tile_size"),
         batch_mode=dict(widget_type="CheckBox", text="Batch mode", value=False,
                         tooltip="Segment each image of a stack independently."),
         use_gpu=dict(widget_type="CheckBox", text="Use GPU", value=common.default_use_gpu(),
-                     tooltip="Run on the first GPU"),
+                     tooltip="Run on the first GPU (on the CPU when there is none)"),
         use_quantized=dict(widget_type="CheckBox", text="Use quantized model",
                            value=common.default_use_quantized(),
                            tooltip="Use the model's int8 version on CPU, if it has one"),
@@ -74,7 +65,8 @@ def _options(viewer) -> dict:
                             tooltip="Segment only inside the shapes (or the non-zero labels) "
                                     "of the ROI layer."),
         roi_layer=dict(widget_type="ComboBox", choices=roi_layers, label="ROI layer",
-                       nullable=True, tooltip="Shapes or Labels layer that defines the ROI"),
+                       nullable=True, tooltip="Shapes or Labels layer that defines the ROI "
+                       "(the first Shapes layer, else the first Labels layer, unless chosen)"),
         output_to_layer=dict(widget_type="CheckBox", text="Output to layer", value=False,
                              tooltip="Write the segmentation into the selected output layer."),
         output_layer=dict(label="Output layer", nullable=True),
@@ -144,16 +136,36 @@ def _segment_batch(model, device, quantized, params: Params2D, stack):
     return work
 
 
-def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
-    """The "2D Inference (Parameter Testing)" widget (an npe2 widget factory).
+class Inference2D(FunctionGui):
+    """The "2D Inference (Parameter Testing)" dock widget (npe2 widget contribution).
 
-    Calling the returned FunctionGui (or clicking "Run 2D Inference") starts the job and
-    returns its :class:`~panoptem._widgets._worker.Job` (None when an option was invalid;
-    the reason is shown as a notification).
+    napari builds it from the Plugins menu with the viewer (``napari_viewer``). Clicking
+    "Run 2D Inference" (or calling the widget) starts the job and returns its
+    :class:`~panoptem._widgets._worker.Job`, or None when an option was invalid (the
+    reason is shown as a notification).
     """
-    viewer = napari_viewer
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        self._viewer = napari_viewer
+        super().__init__(self.run_2d_inference, call_button="Run 2D Inference",
+                         layout="vertical", scrollable=True, name="inference_2d",
+                         param_options=_options(napari_viewer))
+        common.install_model_refresh(self.model_config)
+        self._default_roi()
+
+    def reset_choices(self, *args) -> None:
+        """Re-read layer and model choices (napari calls this when layers change)."""
+        super().reset_choices(*args)
+        self._default_roi()
+
+    def _default_roi(self) -> None:
+        if self.roi_layer.value is None:
+            default = common.default_roi_layer(self._viewer)
+            if default is not None:
+                self.roi_layer.value = default
 
     def run_2d_inference(
+        self,
         image_layer: Image,
         model_config: str,
         downsampling: int,
@@ -174,6 +186,9 @@ def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
         output_to_layer: bool,
         output_layer: Labels,
     ):
+        viewer = self._viewer
+        if confine_to_roi and roi_layer is None:
+            roi_layer = common.default_roi_layer(viewer)
         try:
             _check(image_layer, batch_mode, viewport, confine_to_roi, roi_layer,
                    output_to_layer, output_layer)
@@ -187,13 +202,13 @@ def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
                 max_objects=str(maximum_objects_per_class).strip(), tile_size=int(tile_size),
             ).validated()
             _settings.apply_model_home()
-            device = common.device_name(use_gpu)
             if batch_mode:
-                return _run_batch(viewer, image_layer, model_config, device, use_quantized,
-                                  params)
+                return _run_batch(viewer, image_layer, model_config,
+                                  common.device_name(use_gpu), use_quantized, params)
             plane = common.current_plane(viewer, image_layer, viewport=viewport)
             check_image_2d(plane.image, what=f"current plane of '{image_layer.name}'")
             roi = common.roi_mask(plane, image_layer, roi_layer) if confine_to_roi else None
+            device = common.device_name(use_gpu)
         except PanoptemError as err:
             show_error(str(err))
             return None
@@ -207,11 +222,6 @@ def inference_2d_widget(napari_viewer: napari.viewer.Viewer):
 
         work = _segment_plane(model_config, device, use_quantized, params, plane.image, roi)
         return start_job(work, title="2D inference", on_done=show)
-
-    widget = magicgui(run_2d_inference, call_button="Run 2D Inference", layout="vertical",
-                      scrollable=True, **_options(viewer))
-    common.install_model_refresh(widget.model_config)
-    return widget
 
 
 def _run_batch(viewer, image_layer, model_config, device, quantized, params):

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import napari
-from magicgui import magicgui
+from magicgui.widgets import FunctionGui
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from panoptem import model_archive, registry
@@ -29,11 +29,11 @@ from panoptem._widgets._worker import start_job
 from panoptem.errors import PanoptemError
 
 __all__ = [
-    "register_model_widget",
-    "model_info_widget",
-    "export_model_widget",
-    "import_model_widget",
-    "archive_model_widget",
+    "RegisterModel",
+    "ModelInfo",
+    "ExportModel",
+    "ImportModel",
+    "ArchiveModel",
     "path_or_url",
 ]
 
@@ -99,15 +99,37 @@ def _register_work(name: str, config_file: str, model: str | None, quantized: st
     return work
 
 
-def register_model_widget(napari_viewer: napari.viewer.Viewer):
-    """The "Register a model" widget (npe2 widget factory).
+class RegisterModel(FunctionGui):
+    """The "Register a model" widget (npe2 widget contribution).
 
-    Calling it (or clicking "Register model") returns the started
+    Clicking "Register model" (or calling the widget) returns the started
     :class:`~panoptem._widgets._worker.Job`, or None when a field is missing (the reason is
     a notification).
     """
 
-    def register_model(model_name: str, config_file, model_file, model_quant_file):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(
+            self.register_model,
+            call_button="Register model",
+            layout="vertical",
+            name="register_model",
+            param_options=dict(
+                model_name=dict(widget_type="LineEdit", value="", label="Model name",
+                                tooltip="Name under which the model appears in the model lists"),
+                config_file=dict(widget_type="FileEdit", value="", label="Model config file",
+                                 mode="r", filter="*.yaml",
+                                 tooltip="The model's .yaml config (empanada format)"),
+                model_file=dict(widget_type="FileEdit", value="", label="Model file (optional)",
+                                mode="r", tooltip="TorchScript .pth file, or its http(s) URL; "
+                                                  "replaces the config's 'model'"),
+                model_quant_file=dict(widget_type="FileEdit", value="",
+                                      label="Quantized model file (optional)", mode="r",
+                                      tooltip="Quantized (int8, CPU) .pth file, or its http(s) "
+                                              "URL; replaces the config's 'model_quantized'"),
+            ),
+        )
+
+    def register_model(self, model_name: str, config_file, model_file, model_quant_file):
         try:
             name = str(model_name or "").strip()
             common.require(bool(name), "Model name cannot be empty: type a name for the model.")
@@ -132,110 +154,114 @@ def register_model_widget(napari_viewer: napari.viewer.Viewer):
                               _file_or_url(model_quant_file))
         return start_job(work, title="Register model", on_done=done)
 
-    return magicgui(
-        register_model,
-        call_button="Register model",
-        layout="vertical",
-        model_name=dict(widget_type="LineEdit", value="", label="Model name",
-                        tooltip="Name under which the model appears in the model lists"),
-        config_file=dict(widget_type="FileEdit", value="", label="Model config file", mode="r",
-                         filter="*.yaml",
-                         tooltip="The model's .yaml config (empanada format)"),
-        model_file=dict(widget_type="FileEdit", value="", label="Model file (optional)",
-                        mode="r", tooltip="TorchScript .pth file, or its http(s) URL; replaces "
-                                          "the config's 'model'"),
-        model_quant_file=dict(widget_type="FileEdit", value="",
-                              label="Quantized model file (optional)", mode="r",
-                              tooltip="Quantized (int8, CPU) .pth file, or its http(s) URL; "
-                                      "replaces the config's 'model_quantized'"),
-    )
-
 
 # --------------------------------------------------------------------------------------
 # Get model info
 # --------------------------------------------------------------------------------------
-def model_info_widget(napari_viewer: napari.viewer.Viewer):
-    """The "Get model info" widget (npe2 widget factory).
+class ModelInfo(FunctionGui):
+    """The "Get model info" widget (npe2 widget contribution).
 
     The info of the chosen model is shown in the widget's "Model info" box (updated when
     the model changes); the button also prints it to the terminal, as its text says.
     """
 
-    def get_model_info(model_name: str, model_info: str = ""):
-        text = _show(model_name)
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(
+            self.get_model_info,
+            call_button="Print info to terminal",
+            layout="vertical",
+            name="model_info",
+            param_options=dict(
+                model_name=_model_combo("Model whose description, padding and classes are shown"),
+                model_info=dict(widget_type="TextEdit", value="", label="Model info",
+                                tooltip="Information about the chosen model (read only)"),
+            ),
+        )
+        # shown here; its text is not an input of the call
+        self.model_info.native.setReadOnly(True)
+        self.model_info.native.setMinimumHeight(180)
+        common.install_model_refresh(self.model_name)
+        self.model_name.changed.connect(lambda name: self._show(name, quiet=True))
+        self._show(self.model_name.value, quiet=True)
+
+    def get_model_info(self, model_name: str, model_info: str = ""):
+        text = self._show(model_name)
         if text is not None:
             print(f"\n{text}\n", flush=True)
         return text
 
-    def _show(model_name: str | None, quiet: bool = False) -> str | None:
+    def _show(self, model_name: str | None, quiet: bool = False) -> str | None:
         try:
             common.require(bool(model_name), "No model is registered; register one with "
                                              "'Register a model'.")
             text = registry.model_info(model_name).summary()
         except PanoptemError as err:
-            info.value = ""
+            self.model_info.value = ""
             if not quiet:
                 _fail(err)
             return None
-        info.value = text
+        self.model_info.value = text
         return text
-
-    widget = magicgui(
-        get_model_info,
-        call_button="Print info to terminal",
-        layout="vertical",
-        model_name=_model_combo("Model whose description, padding and classes are shown"),
-        model_info=dict(widget_type="TextEdit", value="", label="Model info",
-                        tooltip="Information about the chosen model (read only)"),
-    )
-    info = widget.model_info  # shown here; its text is not an input of the call
-    info.native.setReadOnly(True)
-    info.native.setMinimumHeight(180)
-    common.install_model_refresh(widget.model_name)
-    widget.model_name.changed.connect(lambda name: _show(name, quiet=True))
-    _show(widget.model_name.value, quiet=True)
-    return widget
 
 
 # --------------------------------------------------------------------------------------
 # Export / import a model
 # --------------------------------------------------------------------------------------
-def export_model_widget(napari_viewer: napari.viewer.Viewer):
+class ExportModel(FunctionGui):
     """The "Export a model" widget: writes ``<Export path>/<model>.empanada``."""
 
-    def export_model(model_name: str, export_path):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(
+            self.export_model,
+            call_button="Export model",
+            layout="vertical",
+            name="export_model",
+            param_options=dict(
+                model_name=_model_combo("Model to write into a .empanada archive"),
+                export_path=dict(widget_type="FileEdit", label="Export path", mode="d",
+                                 tooltip="Folder that receives <model name>.empanada"),
+            ),
+        )
+        common.install_model_refresh(self.model_name)
+
+    def export_model(self, model_name: str, export_path):
         try:
             common.require(bool(model_name), "Choose the model to export.")
             folder = path_or_url(export_path)
             common.require(folder is not None,
                            "Choose the folder to write the archive into ('Export path').")
             _settings.apply_model_home()
+            target = model_archive.archive_path(model_name, folder)  # refused before any work
         except PanoptemError as err:
             _fail(err)
             return None
 
         def work(progress):
-            return model_archive.export_model(model_name, folder, progress=progress)
+            return model_archive.export_model(model_name, target, progress=progress)
 
         return start_job(work, title="Export model",
                          on_done=lambda path: show_info(f"Model exported to {path}"))
 
-    widget = magicgui(
-        export_model,
-        call_button="Export model",
-        layout="vertical",
-        model_name=_model_combo("Model to write into a .empanada archive"),
-        export_path=dict(widget_type="FileEdit", label="Export path", mode="d",
-                         tooltip="Folder that receives <model name>.empanada"),
-    )
-    common.install_model_refresh(widget.model_name)
-    return widget
 
-
-def import_model_widget(napari_viewer: napari.viewer.Viewer):
+class ImportModel(FunctionGui):
     """The "Import a model" widget: registers the model of a ``.empanada`` archive."""
 
-    def import_model(model_name: str, import_path):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(
+            self.import_model,
+            call_button="Import model",
+            layout="vertical",
+            name="import_model",
+            param_options=dict(
+                model_name=dict(widget_type="LineEdit", value="NewModelImported",
+                                label="New model name (no spaces)",
+                                tooltip="Name under which the imported model is registered"),
+                import_path=dict(widget_type="FileEdit", label="Model file", mode="r",
+                                 filter="*.empanada", tooltip="The .empanada archive to import"),
+            ),
+        )
+
+    def import_model(self, model_name: str, import_path):
         try:
             name = str(model_name or "").strip()
             common.require(bool(name), "Type the name to register the imported model under.")
@@ -257,25 +283,25 @@ def import_model_widget(napari_viewer: napari.viewer.Viewer):
 
         return start_job(work, title="Import model", on_done=done)
 
-    return magicgui(
-        import_model,
-        call_button="Import model",
-        layout="vertical",
-        model_name=dict(widget_type="LineEdit", value="NewModelImported",
-                        label="New model name (no spaces)",
-                        tooltip="Name under which the imported model is registered"),
-        import_path=dict(widget_type="FileEdit", label="Model file", mode="r",
-                         filter="*.empanada", tooltip="The .empanada archive to import"),
-    )
-
 
 # --------------------------------------------------------------------------------------
 # Archive a model
 # --------------------------------------------------------------------------------------
-def archive_model_widget(napari_viewer: napari.viewer.Viewer):
+class ArchiveModel(FunctionGui):
     """The "Archive a model" widget: moves a user model out of the lists (nothing deleted)."""
 
-    def archive_model(model_name: str):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(
+            self.archive_model,
+            call_button="Archive model",
+            layout="vertical",
+            name="archive_model",
+            param_options=dict(
+                model_name=_model_combo("Registered model to move into the archived folder")),
+        )
+        common.install_model_refresh(self.model_name)
+
+    def archive_model(self, model_name: str):
         try:
             common.require(bool(model_name), "Choose the model to archive.")
             _settings.apply_model_home()
@@ -283,16 +309,7 @@ def archive_model_widget(napari_viewer: napari.viewer.Viewer):
         except PanoptemError as err:
             _fail(err)
             return None
-        widget.model_name.reset_choices()
+        self.model_name.reset_choices()
         show_info(f"Model '{model_name}' archived: its config and files are in "
                   f"{path.parent} (config {path.name}).")
         return str(path)
-
-    widget = magicgui(
-        archive_model,
-        call_button="Archive model",
-        layout="vertical",
-        model_name=_model_combo("Registered model to move into the archived folder"),
-    )
-    common.install_model_refresh(widget.model_name)
-    return widget

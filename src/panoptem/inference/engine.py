@@ -112,7 +112,8 @@ class Params2D:
             max_objects = int(self.max_objects)
         except (TypeError, ValueError):
             raise PanoptemError(
-                f"Max objects per class must be a whole number; got {self.max_objects!r}."
+                "Max objects per class must be 0 (number the objects 1..N) or a whole number "
+                f">= 2; got {self.max_objects!r}."
             ) from None
         if max_objects == 1 or max_objects < 0 or max_objects != float(self.max_objects):
             raise PanoptemError(

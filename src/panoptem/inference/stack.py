@@ -144,7 +144,8 @@ def _update_stats(stats: dict, s: int, labels: np.ndarray) -> None:
     compact, remap = fastremap.renumber(labels, in_place=False, preserve_zero=True)
     counts = np.bincount(compact.ravel())
     boxes = ndimage.find_objects(compact)
-    for old, new in remap.items():
+    # objects new in this slice are recorded in id order (fastremap's map has no set order)
+    for old, new in sorted(remap.items()):
         if not new:
             continue
         ys, xs = boxes[new - 1]

@@ -1,7 +1,8 @@
 """Writes the real EM crops the tests use, from the project's shared data folder.
 
-Run once from the repository root (``python tests/data/em/make_test_data.py ../shared/data``);
-the tests read only the files it wrote (see SOURCE.md here). Every crop is a plain
+Run once from the repository root, with the folder of the project's shared EM data
+(``python tests/data/em/make_test_data.py <data folder>``); the tests read only the files it
+wrote (see SOURCE.md here). Every crop is a plain
 sub-array of a source file: nothing is resampled, filtered or relabelled.
 """
 
@@ -50,4 +51,6 @@ def main(shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("../shared/data"))
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_test_data.py <folder holding lucchi_pp/ and cdeep3m_sbem_mito/>")
+    main(Path(sys.argv[1]))
