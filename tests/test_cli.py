@@ -335,3 +335,25 @@ def test_cli_defaults_are_the_dataclass_defaults():
     helps = build_parser()._subparsers._group_actions[0].choices["segment"].format_help()
     for name in asdict(Params2D()):
         assert param_info(Params2D, name).label in " ".join(helps.split())
+
+
+@pytest.mark.parametrize("command", ["finetune", "train", "export"])
+def test_unwritable_model_folder_is_refused_before_any_work(tmp_path, capsys, command):
+    """The folder for the new model is checked first: nothing is trained or loaded for an
+    output that could not be saved."""
+    from pathlib import Path
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = str(blocker / "models")
+    config = Path(__file__).resolve().parents[1] / "custom_configs" / "custom_training_pdl.yaml"
+    args = {
+        "finetune": ["finetune", str(tmp_path / "no_dataset"), "--model-dir", target],
+        "train": ["train", "--config", str(config), "--train-dir", str(tmp_path / "no_dataset"),
+                  "-o", target, "--name", "X", "--iterations", "1"],
+        "export": ["export", str(tmp_path / "no_checkpoint.pth.tar"), "-o", target],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"panoptem: error: Cannot write to the model folder {blocker / 'models'} "
+                   "(Not a directory); choose a folder you can write to."], err

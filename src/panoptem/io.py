@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from panoptem._files import atomic_path
 from panoptem.errors import PanoptemError
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "write_labels", "labels_dtype"]
@@ -78,7 +79,6 @@ def write_labels(path, labels: np.ndarray) -> Path:
         arr = arr.reshape(1, 1)
     arr = arr.astype(labels_dtype(arr), copy=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
     return path

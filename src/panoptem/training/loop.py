@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from panoptem._files import atomic_path
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress, ensure_progress
 from panoptem.training.losses import PanopticLoss
@@ -150,8 +151,7 @@ def save_checkpoint(path, model: torch.nn.Module, arch_config: dict, norms: dict
     """Save ``{arch config, state_dict, norms, iteration}`` like the original's ``.pth.tar``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    torch.save({"config": arch_config, "state_dict": model.state_dict(), "norms": norms,
-                "iteration": iteration}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"config": arch_config, "state_dict": model.state_dict(), "norms": norms,
+                    "iteration": iteration}, tmp)
     return path
