@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelfiles import Tiny, save_scripted
+from panoptem import loading
 from testutils import EM_VOLUME, SMALL_ARCH, LocalServer, em_png, model_config
 
 
@@ -16,11 +18,9 @@ def panoptem_home(tmp_path, monkeypatch):
     home = tmp_path / "panoptem_home"
     monkeypatch.setenv("PANOPTEM_HOME", str(home))
     monkeypatch.delenv("PANOPTEM_OFFLINE", raising=False)
-    from panoptem import registry
-
-    registry.clear_model_cache()
+    loading.clear_model_cache()
     yield home
-    registry.clear_model_cache()
+    loading.clear_model_cache()
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +54,31 @@ def em_volume() -> np.ndarray:
     return tifffile.imread(EM_VOLUME)
 
 
+def _no_proxy(monkeypatch) -> None:
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """A local HTTP server for tmp_path/served (``.url``, ``.root``, ``.requests``); proxies
     are switched off so requests to 127.0.0.1 never leave the machine."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _no_proxy(monkeypatch)
     root = tmp_path / "served"
     root.mkdir()
     srv = LocalServer(root)
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def home(panoptem_home, monkeypatch) -> Path:
+    """The test's own PANOPTEM_HOME (online, empty model cache), with no proxy for loopback."""
+    _no_proxy(monkeypatch)
+    return panoptem_home
+
+
+@pytest.fixture
+def tiny_pth(tmp_path) -> Path:
+    return save_scripted(Tiny(), tmp_path / "tiny.pth")

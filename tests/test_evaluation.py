@@ -224,13 +224,13 @@ def test_matches_dense_hungarian_reference(seed, thr):
 
 
 def test_sparse_pair_table_gives_the_same_result(monkeypatch):
-    import panoptem.evaluation as ev
+    import panoptem.overlap
 
     rng = np.random.default_rng(3)
     gt = rng.integers(0, 50, size=(30, 30))
     pred = np.roll(gt, 1, axis=1)
     dense = evaluate(pred, gt)
-    monkeypatch.setattr(ev, "_DENSE_TABLE_LIMIT", 0)
+    monkeypatch.setattr(panoptem.overlap, "DENSE_LIMIT", 0)
     assert evaluate(pred, gt).as_dict() == dense.as_dict()
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from panoptem import registry
+from panoptem import loading, registry
 from panoptem.inference.engine import Engine2D
 from panoptem.training.finetune import finetune_model
 from testutils import EM_DATA, model_config
@@ -33,7 +33,7 @@ def test_finetune_registers_a_working_model(small_model_file, sbem_dataset, tmp_
         cfg.open("w"),
     )
     base = registry.register_model("BaseSmall", cfg)
-    before = {k: v.clone() for k, v in registry.load_model(base).module.state_dict().items()}
+    before = {k: v.clone() for k, v in loading.load_model(base).module.state_dict().items()}
     out = finetune_model(
         base,
         sbem_dataset,
@@ -45,7 +45,7 @@ def test_finetune_registers_a_working_model(small_model_file, sbem_dataset, tmp_
         finetune_layer="stage4",
     )
     assert out.name == "Tuned" and "Tuned" in registry.list_models()
-    after = registry.load_model("Tuned").module.state_dict()
+    after = loading.load_model("Tuned").module.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and not any(k.startswith("encoder.layer1.") for k in changed)
     labels = Engine2D("Tuned").segment(lucchi_image[:96, :96])

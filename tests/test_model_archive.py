@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from panoptem import model_archive, registry
+from panoptem import loading, model_archive, registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
 from testutils import FINETUNE, model_config
@@ -116,7 +116,7 @@ def test_round_trip_keeps_files_and_config(tmp_path, panoptem_home, small_model_
     assert _without_files(config) == _without_files(original)
     assert registry.list_models()[-2:] == ["Mine", "MineNew"]
 
-    loaded = registry.load_model("MineNew")
+    loaded = loading.load_model("MineNew")
     assert loaded.path == models / "MineNew.pth"
     out = loaded.module(torch.zeros(1, 1, 64, 64), 2, True)
     assert out["sem_logits"].shape[-2:] == (64, 64)
@@ -234,7 +234,7 @@ def test_import_archive_in_the_originals_layout(
     assert (models / "NewModelImported_quantized.pth").read_bytes() == tiny_file.read_bytes()
     registered = registry.get_config("NewModelImported")
     assert _without_files(registered) == _without_files(config)
-    assert registry.load_model("NewModelImported", quantized=True).quantized
+    assert loading.load_model("NewModelImported", quantized=True).quantized
 
     # a renamed archive still imports: its only config is used; the default name is its stem
     renamed = tmp_path / "copy of model.empanada"
@@ -399,7 +399,7 @@ def test_archive_moves_config_and_files(tmp_path, panoptem_home, small_model_fil
     assert _without_files(kept) == _without_files(config)
     # the archived config can be registered again as it is
     assert registry.register_model("Mine", archived) == "Mine"
-    assert registry.load_model("Mine").path == folder / "mine.pth"
+    assert loading.load_model("Mine").path == folder / "mine.pth"
 
 
 def test_archive_imported_model(tmp_path, panoptem_home, small_model_file):

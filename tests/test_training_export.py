@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from panoptem import registry
+from panoptem import loading, registry
 from panoptem.demo import untrained_model
 from panoptem.inference.engine import Engine2D
 from panoptem.loading import LoadedModel
@@ -29,7 +29,7 @@ def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
     assert (
         info.padding_factor == 16 and info.label_divisor == 1000 and info.class_names == {1: "mito"}
     )
-    loaded = registry.load_model(out.name)
+    loaded = loading.load_model(out.name)
     x = torch.randn(1, 1, 64, 96)
     with torch.no_grad():
         ref = model.eval()(x, 2, True)
@@ -80,8 +80,8 @@ def test_a_second_model_with_the_same_name_keeps_the_first_ones_weights(tmp_path
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         ref = first.eval()(x, 2, True)["sem_logits"]
-        got_a = registry.load_model("FinetunedModel").module(x, 2, True)["sem_logits"]
-        got_b = registry.load_model("FinetunedModelNew").module(x, 2, True)["sem_logits"]
+        got_a = loading.load_model("FinetunedModel").module(x, 2, True)["sem_logits"]
+        got_b = loading.load_model("FinetunedModelNew").module(x, 2, True)["sem_logits"]
     torch.testing.assert_close(got_a, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got_a, got_b)
 

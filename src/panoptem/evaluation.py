@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from panoptem.errors import PanoptemError
+from panoptem.overlap import connected_groups, overlaps
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["Metrics", "evaluate", "evaluate_files", "mask_from_file_array"]
-
-# above this many (true + 1) x (predicted + 1) cells the pair table is built sparsely
-_DENSE_TABLE_LIMIT = 1 << 22
 
 _VALID_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 _DEFAULT_CONNECTIVITY = {2: 8, 3: 26}
@@ -228,35 +226,6 @@ def _instances(a: np.ndarray, binary: bool, connectivity: int) -> tuple[np.ndarr
     return _components(a, connectivity) if binary else _compact(a)
 
 
-def _pair_table(g: np.ndarray, ng: int, p: np.ndarray, npred: int):
-    """Pair counts of (true id, predicted id): areas, overlapping pairs and background count.
-
-    Returns ``(gt_area, pred_area, rows, cols, inter, both_bg)``, where ``rows``/``cols`` are
-    ids (1-based) of pairs that share at least one pixel and ``inter`` their shared pixels.
-    """
-    g = g.ravel().astype(np.int64, copy=False)
-    p = p.ravel().astype(np.int64, copy=False)
-    width = npred + 1
-    cells = (ng + 1) * width
-    if cells <= _DENSE_TABLE_LIMIT:
-        table = np.bincount(g * width + p, minlength=cells).reshape(ng + 1, width)
-        gt_area = table.sum(axis=1)
-        pred_area = table.sum(axis=0)
-        rows, cols = np.nonzero(table[1:, 1:])
-        rows += 1
-        cols += 1
-        inter = table[rows, cols]
-        both_bg = int(table[0, 0])
-    else:  # very many objects: count only the pairs that occur
-        gt_area = np.bincount(g, minlength=ng + 1)
-        pred_area = np.bincount(p, minlength=npred + 1)
-        both = (g > 0) & (p > 0)
-        codes, inter = np.unique(g[both] * width + p[both], return_counts=True)
-        rows, cols = np.divmod(codes, width)
-        both_bg = int(np.count_nonzero((g == 0) & (p == 0)))
-    return gt_area, pred_area, rows, cols, inter, both_bg
-
-
 def _match(rows, cols, ious, iou_thr: float) -> np.ndarray:
     """IoUs of the matched pairs: Hungarian maximising summed IoU, then IoU >= ``iou_thr``.
 
@@ -266,15 +235,11 @@ def _match(rows, cols, ious, iou_thr: float) -> np.ndarray:
     if len(ious) == 0:
         return np.zeros(0)
     from scipy.optimize import linear_sum_assignment
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
 
     # graph nodes: true objects first, then predicted objects (compact local indices)
     ur, ri = np.unique(rows, return_inverse=True)
     uc, ci = np.unique(cols, return_inverse=True)
-    nr, nc = len(ur), len(uc)
-    graph = coo_matrix((np.ones(len(ri)), (ri, ci + nr)), shape=(nr + nc, nr + nc))
-    _, comp = connected_components(graph, directed=False)
+    comp = connected_groups(len(ur) + len(uc), ri, ci + len(ur))
     pair_comp = comp[ri]
     order = np.argsort(pair_comp, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(pair_comp[order]) != 0])
@@ -296,12 +261,10 @@ def _match(rows, cols, ious, iou_thr: float) -> np.ndarray:
 
 
 def _evaluate_labelled(g, ng, p, npred, iou_thr) -> Metrics:
-    gt_area, pred_area, rows, cols, inter, both_bg = _pair_table(g, ng, p, npred)
-    fg_union = int(g.size) - both_bg
-    fg_inter = int(inter.sum())
-    union = gt_area[rows] + pred_area[cols] - inter
-    ious = inter / union
-    matched = _match(rows, cols, ious, iou_thr)
+    table = overlaps(g, p)
+    fg_union = int(g.size) - table.background
+    fg_inter = int(table.inter.sum())
+    matched = _match(table.ia, table.ib, table.iou(), iou_thr)
     tp = len(matched)
     return _from_counts(tp, npred - tp, ng - tp, float(matched.sum()), fg_inter, fg_union, iou_thr)
 

@@ -24,7 +24,8 @@ from panoptem.progress import Progress
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["LoadedModel", "load_model", "clear_model_cache"]
+__all__ = ["LoadedModel", "CachedModel", "load_model", "clear_model_cache", "cached_models",
+           "resolve_config", "resolve_device"]
 
 _QUANT_ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
 _OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
@@ -70,12 +71,31 @@ def clear_model_cache() -> None:
         _failed_quantized.clear()
 
 
-def _resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
+@dataclass(frozen=True)
+class CachedModel:
+    """One entry of the model cache: which file is loaded, on which device, int8 or not."""
+
+    path: Path
+    device: str
+    quantized: bool
+
+
+def cached_models() -> list[CachedModel]:
+    """What the model cache holds now, in loading order (see :func:`load_model`)."""
+    with _cache_lock:
+        return [CachedModel(Path(path), device, quantized)
+                for path, device, quantized in _model_cache]
+
+
+def resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
+    """``(name, config)`` of a registered name, a config ``.yaml`` path or a config dict
+    (checked; the name is "" for a dict). Raises PanoptemError listing the known models
+    for an unknown name."""
     if isinstance(name_or_config, dict):
-        return "", registry._validate_config(copy.deepcopy(name_or_config), "(given dict)")
+        return "", registry.validate_config(copy.deepcopy(name_or_config), "(given dict)")
     if isinstance(name_or_config, str | os.PathLike):
         text = os.fspath(name_or_config)
-        if text in registry._config_paths():
+        if text in registry.list_models():
             return text, registry.get_config(text)
         if text.lower().endswith(".yaml") and Path(text).expanduser().is_file():
             return text, registry.read_config(text)
@@ -85,7 +105,9 @@ def _resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
     )
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a torch.device), or a
+    PanoptemError saying what to use when it is not available here."""
     import torch
 
     try:
@@ -263,8 +285,8 @@ def load_model(
     UserWarning
         When a requested quantized model is unusable and the float model is used instead.
     """
-    name, config = _resolve_config(name_or_config)
-    dev = _resolve_device(device)
+    name, config = resolve_config(name_or_config)
+    dev = resolve_device(device)
     pf = int(config["padding_factor"])
 
     if quantized and dev.type == "cpu" and config.get("model_quantized"):

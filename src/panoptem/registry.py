@@ -1,4 +1,4 @@
-"""The model registry: built-in and user model configs, model files, loading onto a device.
+"""The model registry: built-in and user model configs, and the model files they name.
 
 A model is known by the stem of its config file, a YAML in empanada-napari's format (keys
 ``class_names``, ``labels``, ``thing_list``, ``model``, ``model_quantized``, ``norms``,
@@ -23,6 +23,7 @@ Environment variables
     message saying where to place it by hand.
 
 Nothing is created or changed at import time; folders are created only when writing.
+Loading a model onto a device is :mod:`panoptem.loading`'s job, one layer above this one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -40,9 +41,6 @@ from panoptem import _download
 from panoptem._files import write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 __all__ = [
     "HOME_ENV",
@@ -54,6 +52,8 @@ __all__ = [
     "list_models",
     "get_config",
     "read_config",
+    "validate_config",
+    "free_model_name",
     "register_model",
     "model_info",
     "fetch_file",
@@ -143,7 +143,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _validate_config(config: Any, source: str) -> dict:
+def validate_config(config: Any, source: str) -> dict:
     """Check the structure of a model config; return it. ``source`` names it in messages."""
     fix = "Fix the file (the built-in MitoNet_v1.yaml shows the expected format)."
 
@@ -227,7 +227,7 @@ def read_config(path: str | os.PathLike) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PanoptemError(f"Model config {path} does not exist: check the path.")
-    config = _validate_config(_load_yaml(path), str(path))
+    config = validate_config(_load_yaml(path), str(path))
     # a relative local model path is relative to the config's folder (how the bundled
     # model's files are found inside the installed package), never to the working folder
     for key in ("model", "model_quantized"):
@@ -381,7 +381,7 @@ def register_model(
         raise PanoptemError(f"Model config {config_path} does not exist: check the path.")
     config = _load_yaml(config_path)
     if not isinstance(config, dict):
-        _validate_config(config, str(config_path))  # raises with a helpful message
+        validate_config(config, str(config_path))  # raises with a helpful message
     config = dict(config)
     here = (config_path.parent.absolute(), Path.cwd())
 
@@ -408,7 +408,7 @@ def register_model(
             )
             config["model_quantized"] = None
     config.setdefault("model_quantized", None)
-    _validate_config(config, str(config_path))
+    validate_config(config, str(config_path))
 
     taken = set(list_models())
     while name in taken:
@@ -557,15 +557,3 @@ def fetch_file(
             "argument), or register the model again with the right file."
         )
     return path
-
-
-_LOADING_NAMES = ("LoadedModel", "load_model", "clear_model_cache")
-
-
-def __getattr__(name: str):
-    """Loading lives in :mod:`panoptem.loading`; its names stay reachable from here."""
-    if name in _LOADING_NAMES:
-        from panoptem import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

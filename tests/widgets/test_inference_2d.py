@@ -6,8 +6,6 @@ parameters: the widget must only choose the plane/region and place the result.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from widgetutils import click, open_from_menu
@@ -98,7 +96,7 @@ def test_use_quantized_runs_the_bundled_int8_model(make_widget, wait_job, em_ima
     )
     assert job.error is None
     # the widget loaded the int8 file, in the cache's quantized slot, and nothing else
-    assert [(Path(key[0]).name, key[2]) for key in loading._model_cache] == [
+    assert [(m.path.name, m.quantized) for m in loading.cached_models()] == [
         ("panoptem_mito_small_quantized.pth", True)
     ]
     out = viewer.layers["empanada_seg_2d"].data
@@ -293,13 +291,19 @@ def test_new_models_appear_without_reopening(make_widget, small_config, tmp_path
     assert "LateNet" in widget.model_config.choices
 
 
-def test_model_is_loaded_once_across_clicks(make_widget, wait_job, em_image):
+def test_model_is_loaded_once_across_clicks(make_widget, wait_job, em_image, monkeypatch):
+    import torch
+
+    reads = []
+    jit_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: reads.append(a[0]) or jit_load(*a, **k))
     viewer, widget = make_widget()
     layer = viewer.add_image(em_image[:64, :64])
     run(widget, wait_job, image_layer=layer)
-    cached = dict(loading._model_cache)
+    cached = loading.cached_models()
     run(widget, wait_job, image_layer=layer)
-    assert len(cached) == 1 and loading._model_cache == cached
+    assert len(cached) == 1 and loading.cached_models() == cached
+    assert len(reads) == 1  # the second click used the loaded model
     assert len([lay for lay in viewer.layers if lay.name.startswith("empanada_seg_2d")]) == 2
 
 

@@ -445,7 +445,7 @@ def test_multiscale_quantized_and_the_model_is_kept(
             timeout=SLOW_MS,
         )
         assert job.error is None
-    assert [key[2] for key in loading._model_cache] == [True]  # the quantized slot, loaded once
+    assert [m.quantized for m in loading.cached_models()] == [True]  # int8, loaded once
     out = viewer.layers["ms-mito-prediction"].data
     assert out.shape == vol.shape
     np.testing.assert_array_equal(

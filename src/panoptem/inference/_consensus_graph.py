@@ -17,12 +17,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 
+from panoptem.overlap import connected_groups
 from panoptem.progress import Progress
 
 __all__ = [
-    "LINK_IOU", "LINK_OVERLAP", "connected_groups", "build_clusters", "greedy_merge",
+    "LINK_IOU", "LINK_OVERLAP", "node_groups", "build_clusters", "greedy_merge",
     "resolve_components", "label_rows",
 ]
 
@@ -32,38 +32,18 @@ LINK_IOU = 0.01
 LINK_OVERLAP = 100
 
 
-def connected_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
-    """Connected components of an undirected graph on the nodes ``0..n-1``.
+def node_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of the graph on nodes ``0..n-1`` with edges ``pairs``, as lists.
 
-    Parameters
-    ----------
-    n : int
-        Number of nodes.
-    pairs : iterable of (int, int)
-        Edges.
-
-    Returns
-    -------
-    list of list of int
-        Each component's nodes in ascending order; components ordered by their smallest
-        node. Isolated nodes are components of their own.
+    Each component's nodes come in ascending order and the components in the order of their
+    smallest node (isolated nodes are components of their own): the order the greedy merge
+    and the numbering of the consensus rely on (:func:`panoptem.overlap.connected_groups`).
     """
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):  # ascending, so every group starts with its smallest node
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
+    edges = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
+    comp = connected_groups(n, edges[:, 0], edges[:, 1])
+    order = np.argsort(comp, kind="stable")  # ascending nodes within each component
+    bounds = np.cumsum(np.bincount(comp, minlength=int(comp.max(initial=-1)) + 1))[:-1]
+    return [g.tolist() for g in np.split(order, bounds)] if n else []
 
 
 def build_clusters(
@@ -93,7 +73,7 @@ def build_clusters(
         pairs (0 for pairs that do not overlap) exceeds :data:`LINK_IOU` or the mean
         overlap exceeds :data:`LINK_OVERLAP` voxels.
     """
-    clusters = connected_groups(n, ((u, v) for u, v, iou, _ in edges if iou > cluster_iou_thr))
+    clusters = node_groups(n, ((u, v) for u, v, iou, _ in edges if iou > cluster_iou_thr))
     owner = [0] * n
     for c, members in enumerate(clusters):
         for m in members:
@@ -196,17 +176,16 @@ def resolve_components(n_nodes: int, u: np.ndarray, v: np.ndarray, ov: np.ndarra
         Member nodes of each cluster, components in the order of their first node and
         clusters within a component by index. A node may belong to several clusters.
     """
-    adjacency = sparse.coo_matrix((np.ones(len(u)), (u, v)), shape=(n_nodes, n_nodes))
-    n_comp, comp = connected_components(adjacency, directed=False)
+    comp = connected_groups(n_nodes, u, v)  # numbered in the order of their first node
+    n_comp = int(comp.max(initial=-1)) + 1
     node_order = np.argsort(comp, kind="stable")  # nodes grouped by component, ascending
     node_split = np.cumsum(np.bincount(comp, minlength=n_comp))[:-1]
     edge_order = np.argsort(comp[u], kind="stable")
     edge_split = np.cumsum(np.bincount(comp[u], minlength=n_comp))[:-1]
     groups = np.split(node_order, node_split)
     edge_groups = np.split(edge_order, edge_split)
-    first = np.array([g[0] for g in groups], dtype=np.int64)  # smallest node of each
     clusters: list[np.ndarray] = []
-    for c in np.argsort(first, kind="stable"):
+    for c in range(n_comp):
         nodes = groups[c]
         if len(nodes) < min_cluster_size:
             continue
@@ -273,7 +252,7 @@ def label_rows(node: np.ndarray, counts: np.ndarray, clusters: list[np.ndarray],
     off = inter.row < inter.col
     a, b, shared = inter.row[off], inter.col[off], inter.data[off]
     linked = (shared / (vox[a] + vox[b] - shared) > LINK_IOU) | (shared > LINK_OVERLAP)
-    groups = connected_groups(k, zip(a[linked].tolist(), b[linked].tolist(), strict=True))
+    groups = node_groups(k, zip(a[linked].tolist(), b[linked].tolist(), strict=True))
     group_of = np.zeros(k, dtype=np.int64)
     for g, members in enumerate(groups, start=1):
         group_of[members] = g

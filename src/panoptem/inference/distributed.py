@@ -152,21 +152,20 @@ def segment_volume_distributed(model, volume, params2d: Params2D | None = None,
 
 
 def _check_devices(devices) -> list[str]:
-    from panoptem import registry  # noqa: F401  (import order: loading <-> registry)
-    from panoptem.loading import _resolve_device
+    from panoptem.loading import resolve_device
 
     devs = [devices] if isinstance(devices, str) else list(devices)
     if len(devs) < 2:
         raise PanoptemError("multi-process inference needs at least two devices; use Engine3D for one.")
-    return [str(_resolve_device(d)) for d in devs]  # PanoptemError for unavailable CUDA
+    return [str(resolve_device(d)) for d in devs]  # PanoptemError for unavailable CUDA
 
 
 def _prefetch(model, quantized: bool, prog: Progress) -> None:
     """Check the config and download the model file(s) once, before the ranks load them."""
     from panoptem import registry
-    from panoptem.loading import _resolve_config
+    from panoptem.loading import resolve_config
 
-    cfg = _resolve_config(model)[1]
+    cfg = resolve_config(model)[1]
     registry.fetch_file(cfg["model"], known_hash=cfg.get("model_hash"), progress=prog)
     if quantized and cfg.get("model_quantized"):
         try:  # an unusable int8 file falls back to the float model in the ranks, with a warning

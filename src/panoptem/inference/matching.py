@@ -12,29 +12,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["overlap_table", "match_slice"]
+from panoptem.overlap import overlaps
+
+__all__ = ["match_slice"]
 
 IOU_THR = 0.25
 IOA_THR = 0.25
-
-
-def overlap_table(a: np.ndarray, b: np.ndarray):
-    """Ids and pairwise intersections of two label images of the same shape.
-
-    Returns
-    -------
-    ids_a (n,), ids_b (m,), areas_a (n,), areas_b (m,), inter (n, m) int64; ids exclude 0.
-    """
-    fa, fb = a > 0, b > 0
-    ids_a, inv_a = np.unique(a[fa], return_inverse=True)
-    ids_b, inv_b = np.unique(b[fb], return_inverse=True)
-    area_a = np.bincount(inv_a, minlength=len(ids_a))
-    area_b = np.bincount(inv_b, minlength=len(ids_b))
-    both = fa & fb
-    ka = np.searchsorted(ids_a, a[both])
-    kb = np.searchsorted(ids_b, b[both])
-    inter = np.bincount(ka * len(ids_b) + kb, minlength=len(ids_a) * len(ids_b))
-    return ids_a, ids_b, area_a, area_b, inter.reshape(len(ids_a), len(ids_b))
 
 
 def match_slice(target: np.ndarray | None, labels: np.ndarray, next_label: int,
@@ -61,7 +44,9 @@ def match_slice(target: np.ndarray | None, labels: np.ndarray, next_label: int,
     labels = np.asarray(labels)
     if target is None or not labels.any():
         return labels.astype(np.int32, copy=False), next_label
-    ids_t, ids_n, area_t, area_n, inter = overlap_table(target, labels)
+    table = overlaps(target, labels)
+    ids_t, ids_n, area_t, area_n = table.ids_a, table.ids_b, table.area_a, table.area_b
+    inter = table.dense()
     new_ids = ids_n.astype(np.int64).copy()
     decided = np.zeros(len(ids_n), bool)
     if len(ids_t):

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import fastremap
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from panoptem.inference.postprocess import class_mask
+from panoptem.overlap import connected_groups
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["Tile", "axis_tiles", "tile_grid", "stitch_tiles", "segment_tiled"]
@@ -157,8 +156,7 @@ def stitch_tiles(shape: tuple[int, int], tiles: list[Tile], results: list[np.nda
         cols.append(cb[same])
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_nodes, n_nodes))
-    _, comp_of = connected_components(graph, directed=False)
+    comp_of = connected_groups(n_nodes, rows, cols)
     members = np.bincount(comp_of, minlength=comp_of.max() + 1)
     size, seam = np.concatenate(node_size), np.concatenate(node_seam)
     keep = ~((members[comp_of] == 1) & (seam > 0.1 * size))
