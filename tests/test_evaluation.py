@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from panoptem.errors import PanoptemError
-from panoptem.evaluation import Metrics, evaluate, evaluate_files, mask_from_file_array
+from panoptem.evaluation import Metrics, evaluate, evaluate_files
 from testutils import EM_DATA
 
 LUCCHI_MASK = EM_DATA / "lucchi_test_0000_mask.png"
@@ -242,21 +242,6 @@ def test_as_dict_and_summary():
     assert d["n_slices"] == 0 and "slices" not in d
     text = m.summary()
     assert "F1" in text and "PQ" in text and "foreground IoU" in text and "0.6667" in text
-
-
-def test_rgba_mask_reduced_to_one_channel():
-    grey = np.zeros((4, 5), np.uint8)
-    grey[1:3, 1:3] = 255
-    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
-    assert np.array_equal(mask_from_file_array(rgba, "m.png"), grey)
-    assert np.array_equal(mask_from_file_array(rgba[..., :3], "m.tif"), grey)
-    colour = rgba.copy()
-    colour[0, 0, 1] = 9
-    with pytest.raises(PanoptemError, match="colour"):
-        mask_from_file_array(colour, "m.png")
-    vol = np.zeros((2, 4, 3), np.uint8)  # a tif volume whose last axis happens to be 3
-    vol[0, 0, 1] = 1
-    assert mask_from_file_array(vol, "v.tif").shape == (2, 4, 3)
 
 
 def test_evaluate_files_npy_and_singleton_axes(tmp_path):

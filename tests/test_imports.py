@@ -24,7 +24,7 @@ CORE_MODULES = [
     "panoptem.inference.distributed",
     "panoptem.training.datasets",
     "panoptem.training.loop",
-    "panoptem.training.export",
+    "panoptem.training.publish",
 ]
 
 

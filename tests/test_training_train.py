@@ -14,7 +14,7 @@ from panoptem import registry
 from panoptem.cli import main
 from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Engine2D, Params2D
-from panoptem.training.export import export_checkpoint, load_checkpoint, quantize_registered
+from panoptem.training.publish import load_checkpoint, publish_checkpoint, quantize_registered
 from panoptem.training.train import CEM_WEIGHTS_URL, train_model
 from testutils import SMALL_ARCH, em_png
 
@@ -115,7 +115,7 @@ def test_checkpoint_export_matches_and_quantize_updates_config(
     ckpt = trained["dir"] / "TinyMito_checkpoint.pth.tar"
     model, cfg = load_checkpoint(ckpt)
     assert cfg["MODEL"]["encoder"] == SMALL_ARCH["encoder"] and cfg["DATASET"]["labels"] == [1]
-    out = export_checkpoint(ckpt, tmp_path / "again", name="TinyAgain")
+    out = publish_checkpoint(ckpt, tmp_path / "again", name="TinyAgain")
     assert out.name == "TinyAgain" and registry.get_config("TinyAgain")["model_quantized"] is None
     x = torch.randn(1, 1, 64, 96)
     a = torch.jit.load(str(trained["dir"] / "TinyMito.pth"))(x, 2, True)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import string
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from panoptem.errors import PanoptemError
+from panoptem.errors import PanoptemError, describe, system_reason
 from panoptem.progress import Progress
 
 __all__ = [
@@ -220,7 +219,8 @@ def download_cached(
     import requests
 
     name = cache_name(url)
-    hash_alg = check_hash_spec(known_hash) if known_hash is not None else None
+    if known_hash is not None:
+        check_hash_spec(known_hash)
     folder = Path(folder).expanduser().absolute()
     target = folder / name
 
@@ -283,7 +283,7 @@ def download_cached(
     except requests.exceptions.SSLError as exc:
         raise PanoptemError(
             f"Downloading {url} failed: the server's TLS certificate could not be verified "
-            f"({_short(exc)}). Fix the system's certificate store or proxy settings "
+            f"({describe(exc)}). Fix the system's certificate store or proxy settings "
             "(REQUESTS_CA_BUNDLE can point to a CA bundle); verification is never turned off. "
             + _by_hand(url, target)
         ) from None
@@ -295,18 +295,16 @@ def download_cached(
         ) from None
     except requests.exceptions.RequestException as exc:
         raise PanoptemError(
-            f"Could not download {url}: the server could not be reached ({_net_reason(exc)}). "
+            f"Could not download {url}: the server could not be reached ({system_reason(exc)}). "
             "Check the network connection, proxy settings and the URL, then try again. "
             + _by_hand(url, target)
         ) from None
     except ValueError as exc:
         # pooch raises ValueError when the downloaded data does not match known_hash;
-        # it has already deleted the temporary file.
-        got = re.search(r"but got (\w+)", str(exc))
-        got = f"{hash_alg}:{got.group(1)}" if got else _short(exc)
+        # it has already deleted the temporary file. Its message names both hashes.
         raise PanoptemError(
             f"The file downloaded from {url} does not match the expected checksum "
-            f"{known_hash} (got {got}); it was not kept. Try again (the transfer may "
+            f"{known_hash} ({describe(exc)}); it was not kept. Try again (the transfer may "
             "have been corrupted) or correct the checksum in the model config if the file "
             "was deliberately replaced. " + _by_hand(url, target)
         ) from None
@@ -322,22 +320,3 @@ def download_cached(
         with _verified_lock:
             _verified.add((str(target), stat.st_size, stat.st_mtime_ns, known_hash.lower()))
     return target
-
-
-def _net_reason(exc: BaseException) -> str:
-    """The operating system's reason inside a requests connection error, else a short text."""
-    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
-    if errno:
-        return errno.group(0).strip()
-    if "NameResolution" in str(exc) or "getaddrinfo" in str(exc):
-        return "the host name could not be resolved"
-    return _short(exc)
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    """One line describing ``exc`` (TorchScript errors put the real cause on the last line)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."

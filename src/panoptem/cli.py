@@ -236,10 +236,10 @@ def _cmd_models(args) -> int:
 
 def _cmd_export(args) -> int:
     from panoptem.progress import TextProgress
-    from panoptem.training.export import export_checkpoint
+    from panoptem.training.publish import publish_checkpoint
 
     with TextProgress() as progress:
-        out = export_checkpoint(args.checkpoint, args.model_dir, name=args.name,
+        out = publish_checkpoint(args.checkpoint, args.model_dir, name=args.name,
                                 quantize=args.quantize, calibration_dir=args.calibration_dir,
                                 progress=progress)
     print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
@@ -248,7 +248,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_quantize(args) -> int:
     from panoptem.progress import TextProgress
-    from panoptem.training.export import quantize_registered
+    from panoptem.training.publish import quantize_registered
 
     with TextProgress() as progress:
         out = quantize_registered(args.name, args.calibration_dir, checkpoint=args.checkpoint,

@@ -26,7 +26,7 @@ from panoptem.errors import PanoptemError
 from panoptem.overlap import connected_groups, overlaps
 from panoptem.progress import Progress, ensure_progress
 
-__all__ = ["Metrics", "evaluate", "evaluate_files", "mask_from_file_array"]
+__all__ = ["Metrics", "evaluate", "evaluate_files"]
 
 _VALID_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 _DEFAULT_CONNECTIVITY = {2: 8, 3: 26}
@@ -402,57 +402,14 @@ def evaluate(
     return metrics
 
 
-def mask_from_file_array(arr: np.ndarray, path: str | Path = "image") -> np.ndarray:
-    """Reduce an image read from a file to one channel when it is a grey picture of a mask.
-
-    Masks saved as RGB or RGBA PNGs (as in Lucchi++) repeat the same value in R, G and B:
-    the first channel is returned. A 2D grey+alpha PNG keeps its grey channel.
-
-    Parameters
-    ----------
-    arr : numpy.ndarray
-        The array as read.
-    path : str or Path
-        The file it came from; PNG/JPEG files with differing colour channels are an error.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``arr[..., 0]`` for a 3-axis array whose last axis has 3 or 4 entries with equal
-        colour channels (or 2 entries for a PNG), otherwise ``arr`` unchanged.
-
-    Raises
-    ------
-    PanoptemError
-        If a PNG/JPEG has colour channels that differ, so it is no mask.
-    """
-    path = Path(path)
-    picture = path.suffix.lower() in (".png", ".jpg", ".jpeg")
-    if arr.ndim != 3:
-        return arr
-    if picture and arr.shape[-1] == 2:
-        return arr[..., 0]
-    if arr.shape[-1] not in (3, 4):
-        return arr
-    colour = arr[..., :3]
-    if np.all(colour == colour[..., :1]):
-        return arr[..., 0]
-    if picture:
-        raise PanoptemError(
-            f"{path.name} is a colour picture (its red, green and blue channels differ); "
-            "save the mask or labels as a single-channel image."
-        )
-    return arr
-
-
 def evaluate_files(pred_path: str | Path, gt_path: str | Path, **kwargs) -> Metrics:
     """Read a prediction and a ground-truth file and :func:`evaluate` them.
 
     Parameters
     ----------
     pred_path, gt_path : str or Path
-        tif/tiff, png, jpg or npy files (read with :func:`panoptem.io.read_image`). RGB(A)
-        masks with equal colour channels are reduced to one channel. When the two shapes
+        tif/tiff, png, jpg or npy files (read with :func:`panoptem.io.read_labels`: RGB(A)
+        masks with equal colour channels are reduced to one channel). When the two shapes
         differ only by axes of length 1 (a (1, H, W) tif against an (H, W) png), those axes
         are dropped.
     **kwargs
@@ -464,10 +421,9 @@ def evaluate_files(pred_path: str | Path, gt_path: str | Path, **kwargs) -> Metr
     Metrics
         As :func:`evaluate`.
     """
-    from panoptem.io import read_image
+    from panoptem.io import read_labels
 
-    pred = mask_from_file_array(read_image(pred_path), pred_path)
-    gt = mask_from_file_array(read_image(gt_path), gt_path)
+    pred, gt = read_labels(pred_path), read_labels(gt_path)
     if pred.shape != gt.shape and np.squeeze(pred).shape == np.squeeze(gt).shape:
         pred, gt = np.squeeze(pred), np.squeeze(gt)
     if pred.shape != gt.shape:

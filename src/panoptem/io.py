@@ -1,4 +1,5 @@
-"""Reading images and writing label images for the command line and the napari writer."""
+"""Reading images and label files, and writing label images (command line, napari writer,
+evaluation)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 from panoptem._files import atomic_path
 from panoptem.errors import PanoptemError
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "write_labels", "labels_dtype"]
+__all__ = ["IMAGE_SUFFIXES", "read_image", "read_labels", "label_channel", "write_labels",
+           "labels_dtype"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 
@@ -82,3 +84,55 @@ def write_labels(path, labels: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack")
     return path
+
+
+def label_channel(arr: np.ndarray, path: str | Path = "image") -> np.ndarray:
+    """Reduce an image read from a file to one channel when it is a grey picture of a mask.
+
+    Masks saved as RGB or RGBA PNGs (as in Lucchi++) repeat the same value in R, G and B:
+    the first channel is returned. A 2D grey+alpha PNG keeps its grey channel.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        The array as read.
+    path : str or Path
+        The file it came from; PNG/JPEG files with differing colour channels are an error.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``arr[..., 0]`` for a 3-axis array whose last axis has 3 or 4 entries with equal
+        colour channels (or 2 entries for a PNG), otherwise ``arr`` unchanged.
+
+    Raises
+    ------
+    PanoptemError
+        If a PNG/JPEG has colour channels that differ, so it is no mask.
+    """
+    path = Path(path)
+    picture = path.suffix.lower() in (".png", ".jpg", ".jpeg")
+    if arr.ndim != 3:
+        return arr
+    if picture and arr.shape[-1] == 2:
+        return arr[..., 0]
+    if arr.shape[-1] not in (3, 4):
+        return arr
+    colour = arr[..., :3]
+    if np.all(colour == colour[..., :1]):
+        return arr[..., 0]
+    if picture:
+        raise PanoptemError(
+            f"{path.name} is a colour picture (its red, green and blue channels differ); "
+            "save the mask or labels as a single-channel image."
+        )
+    return arr
+
+
+def read_labels(path) -> np.ndarray:
+    """Read a label image or mask file (tif/tiff, png, jpg, npy) as one channel.
+
+    As :func:`read_image`, then :func:`label_channel` (RGB(A) masks with equal colour
+    channels give their first channel).
+    """
+    return label_channel(read_image(path), path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panoptem import _download, registry
-from panoptem.errors import Cancelled, PanoptemError
+from panoptem.errors import Cancelled, PanoptemError, describe
 from panoptem.progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -159,7 +159,7 @@ def _jit_load(path: Path, device: torch.device, source: str) -> Any:
     except Cancelled:
         raise
     except Exception as exc:
-        reason = _download._short(exc)
+        reason = describe(exc)
         if _download.is_url(source):
             advice = (
                 f"It is the downloaded copy of {source}: delete {path} and load the model "
@@ -237,7 +237,7 @@ def _load_cached(
             raise
         except Exception as exc:
             if quantized:
-                _failed_quantized[(str(resolved), signature)] = _download._short(exc)
+                _failed_quantized[(str(resolved), signature)] = describe(exc)
             raise
         _model_cache[key] = (signature, module)
         return module, path
@@ -303,7 +303,7 @@ def load_model(
             which = f"of '{name}' " if name else ""
             warnings.warn(
                 f"The quantized model {which}({source}) cannot be used "
-                f"({_download._short(exc)}); using the float model instead.",
+                f"({describe(exc)}); using the float model instead.",
                 UserWarning,
                 stacklevel=2,
             )

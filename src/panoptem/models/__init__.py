@@ -8,9 +8,9 @@ without renaming. Export with :func:`export_torchscript`.
 from panoptem.models.base import PanopticBase
 from panoptem.models.build import MODEL_ARCHS, build_model, count_parameters
 from panoptem.models.encoders.resnet import ENCODERS, load_encoder_weights
-from panoptem.models.export import export_torchscript, script_model
 from panoptem.models.panoptic_bifpn import PanopticBiFPN, PanopticBiFPNPR
 from panoptem.models.panoptic_deeplab import PanopticDeepLab, PanopticDeepLabPR
+from panoptem.models.torchscript import export_torchscript, script_model
 
 __all__ = [
     "MODEL_ARCHS",

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from panoptem.errors import PanoptemError
-from panoptem.models.export import _JIT_DEPRECATION, script_model
+from panoptem.models.torchscript import JIT_DEPRECATION, script_model
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["quantize_model", "calibration_tensors", "save_quantized", "model_from_torchscript"]
@@ -38,7 +38,7 @@ _QUIET = (
     (UserWarning, r"Please use quant_min and quant_max"),
     (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel"),
     (UserWarning, r".*_check_is_valid_config_dict.*|.*QConfigMapping.*"),
-    (DeprecationWarning, _JIT_DEPRECATION),
+    (DeprecationWarning, JIT_DEPRECATION),
     (UserWarning, r"must run observer before calling calculate_qparams"),
     (torch.jit.TracerWarning, r".*"),
 )

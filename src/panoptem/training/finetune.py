@@ -15,13 +15,13 @@ import torch
 from panoptem import registry
 from panoptem._files import writable_folder
 from panoptem.errors import PanoptemError
-from panoptem.models.export import _JIT_DEPRECATION
+from panoptem.models.torchscript import JIT_DEPRECATION
 from panoptem.progress import Progress
 from panoptem.training.augment import augmentations_from_config, default_augmentations
 from panoptem.training.config import load_training_config
 from panoptem.training.datasets import SingleClassInstanceDataset
-from panoptem.training.export import ExportedModel, export_trained_model
 from panoptem.training.loop import train
+from panoptem.training.publish import PublishedModel, publish_model
 
 __all__ = ["finetune_model"]
 
@@ -29,7 +29,7 @@ __all__ = ["finetune_model"]
 def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "FinetunedModel",
                    iterations: int = 100, patch_size: int = 256, finetune_layer: str = "none",
                    batch_size: int = 16, device="cpu", seed: int = 0, config=None,
-                   progress: Progress | None = None) -> ExportedModel:
+                   progress: Progress | None = None) -> PublishedModel:
     """Finetune ``model_name`` on ``train_dir`` and register the result as ``name``.
 
     Parameters
@@ -54,7 +54,7 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
     path = registry.fetch_file(cfg["model"], cfg.get("model_hash"), progress=progress)
     try:
         with warnings.catch_warnings():  # TorchScript *is* the released format
-            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
             module = torch.jit.load(str(path), map_location=torch.device(device))
     except RuntimeError as err:
         raise PanoptemError(f"{path} is not a TorchScript model ({err}); download or export it again.") from None
@@ -74,7 +74,7 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
           finetune_layer=finetune_layer,
           criterion_params=custom.get("criterion_params") or finetune_cfg.get("criterion_params"),
           progress=progress)
-    return export_trained_model(
+    return publish_model(
         module, name, model_dir, arch="finetuned", class_names=cfg["class_names"],
         labels=cfg["labels"], thing_list=cfg["thing_list"], norms=cfg["norms"],
         description=f"{model_name} finetuned with panoptem on {train_dir} for {iterations} iterations.",

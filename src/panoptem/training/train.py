@@ -39,8 +39,8 @@ from panoptem.training.datasets import (
     read_image_8bit,
     read_mask,
 )
-from panoptem.training.export import ExportedModel, calibration_from_pairs, export_trained_model
 from panoptem.training.loop import save_checkpoint, train
+from panoptem.training.publish import PublishedModel, calibration_from_pairs, publish_model
 
 __all__ = ["CEM_WEIGHTS_URL", "TrainedModel", "train_model", "validation_metrics"]
 
@@ -56,7 +56,7 @@ _DATASETS = {"SingleClassInstanceDataset": SingleClassInstanceDataset,
 class TrainedModel:
     """What a training run produced: the registered model and its history."""
 
-    exported: ExportedModel
+    exported: PublishedModel
     losses: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     seconds: float = 0.0
@@ -137,7 +137,7 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     patch_size = int(patch_size or tcfg.get("patch_size") or 256)
     batch_size = int(batch_size or tcfg.get("batch_size") or 16)
     arch = _require(mcfg.get("arch"), "architecture (MODEL.arch)")
-    from panoptem.training.export import padding_factor_for
+    from panoptem.training.publish import padding_factor_for
 
     if patch_size % padding_factor_for(arch):
         raise PanoptemError(f"Patch size must be a multiple of {padding_factor_for(arch)} for {arch}; "
@@ -225,7 +225,7 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
         from panoptem.models.quantize import quantize_model
 
         quantized = quantize_model(model, calibration_from_pairs(mcfg, norms, pairs), progress=prog)
-    exported = export_trained_model(model, name, model_dir, arch=arch, class_names=class_names,
+    exported = publish_model(model, name, model_dir, arch=arch, class_names=class_names,
                                     labels=labels, thing_list=thing_list, norms=norms,
                                     description=description, quantized=quantized)
     return TrainedModel(exported, result.losses, result.evaluations, seconds,

@@ -1,4 +1,9 @@
-"""Export a model to TorchScript the way the released empanada ``.pth`` files were made."""
+"""Writing a model as TorchScript, the way the released empanada ``.pth`` files were made.
+
+The file format of every model panoptem runs (the original's released files and
+panoptem's own). Not to be confused with :mod:`panoptem.training.publish` (a trained model
+saved and registered) or :mod:`panoptem.model_archive` (the ``.empanada`` archive).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,17 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["export_torchscript", "script_model"]
+__all__ = ["export_torchscript", "script_model", "JIT_DEPRECATION"]
 
 # torch >= 2.10 flags TorchScript as deprecated; the released model format *is* TorchScript,
 # so the notice is not actionable for users of this function.
-_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
 
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:
     """``torch.jit.script`` the model without TorchScript's deprecation notice."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
         return torch.jit.script(model)
 
 
@@ -54,6 +59,6 @@ def export_torchscript(
             export.fuse_model()
     scripted = script_model(export)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
         torch.jit.save(scripted, os.fspath(path))
     return scripted

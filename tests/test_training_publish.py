@@ -7,14 +7,14 @@ from panoptem import loading, registry
 from panoptem.demo import untrained_model
 from panoptem.inference.engine import Engine2D
 from panoptem.loading import LoadedModel
-from panoptem.training.export import export_trained_model
+from panoptem.training.publish import publish_model
 from testutils import SMALL_ARCH
 
 
 def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
     model = untrained_model(SMALL_ARCH)
     norms = {"mean": 0.57571, "std": 0.12765}
-    out = export_trained_model(
+    out = publish_model(
         model,
         "MyFinetuned",
         tmp_path / "models",
@@ -44,7 +44,7 @@ def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
     assert (eager == exported).mean() > 0.999
     assert abs(len(np.unique(eager)) - len(np.unique(exported))) <= 1
     # a second export under the same name is registered as a new name, nothing overwritten
-    again = export_trained_model(
+    again = publish_model(
         model,
         "MyFinetuned",
         tmp_path / "models2",
@@ -58,7 +58,7 @@ def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
 
 
 def _export(model, name, folder):
-    return export_trained_model(model, name, folder, arch=SMALL_ARCH["arch"],
+    return publish_model(model, name, folder, arch=SMALL_ARCH["arch"],
                                 class_names={1: "mito"}, labels=[1], thing_list=[1],
                                 norms={"mean": 0.57571, "std": 0.12765})
 

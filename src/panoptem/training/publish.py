@@ -1,8 +1,10 @@
-"""Saving a trained or finetuned model as a registered model (reference §7.4-7.5).
+"""Publishing a trained or finetuned model: saved, described and registered (reference
+§7.4-7.5).
 
-The model is exported to a fused TorchScript ``.pth`` with the released files' interface,
-and a registry YAML in the original's format is written beside it and registered, so the
-model appears in every model list (and runs in the original plugin too).
+The model is written as a fused TorchScript ``.pth`` with the released files' interface
+(:mod:`panoptem.models.torchscript`), a registry YAML in the original's format is written
+beside it and registered, so the model appears in every model list (and runs in the
+original plugin too). ``panoptem export CHECKPOINT`` is :func:`publish_checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from panoptem import registry
 from panoptem._files import atomic_path, free_path, writable_folder, write_atomic
 from panoptem.errors import PanoptemError
 from panoptem.models import export_torchscript
-from panoptem.models.export import _JIT_DEPRECATION
+from panoptem.models.torchscript import JIT_DEPRECATION
 from panoptem.progress import Progress
 
-__all__ = ["ExportedModel", "padding_factor_for", "export_trained_model", "load_checkpoint",
-           "export_checkpoint", "quantize_registered"]
+__all__ = ["PublishedModel", "padding_factor_for", "publish_model", "load_checkpoint",
+           "publish_checkpoint", "quantize_registered"]
 
 
 def padding_factor_for(arch: str) -> int:
@@ -33,16 +35,16 @@ def padding_factor_for(arch: str) -> int:
 
 
 @dataclass
-class ExportedModel:
+class PublishedModel:
     name: str
     model_path: Path
     config_path: Path
 
 
-def export_trained_model(model, name: str, model_dir, *, arch: str, class_names: dict,
+def publish_model(model, name: str, model_dir, *, arch: str, class_names: dict,
                          labels: list, thing_list: list, norms: dict, description: str = "",
                          finetune: dict | None = None, padding_factor: int | None = None,
-                         quantized=None, register: bool = True) -> ExportedModel:
+                         quantized=None, register: bool = True) -> PublishedModel:
     """Export ``model`` to ``<model_dir>/<name>.pth`` + ``<name>.yaml`` and register it.
 
     Parameters
@@ -58,7 +60,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
 
     Returns
     -------
-    ExportedModel with the registered name: ``New`` is appended (as the original) while the
+    PublishedModel with the registered name: ``New`` is appended (as the original) while the
     name is registered or ``<name>.pth`` / ``_quantized.pth`` / ``.yaml`` exist in
     ``model_dir``, so the files of an earlier model are never replaced.
     """
@@ -70,7 +72,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
         if isinstance(model, torch.jit.ScriptModule):  # a finetuned released file: fused
             model.eval()
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_JIT_DEPRECATION,
+                warnings.filterwarnings("ignore", message=JIT_DEPRECATION,
                                         category=DeprecationWarning)
                 torch.jit.save(model, str(tmp))
         else:
@@ -92,7 +94,7 @@ def export_trained_model(model, name: str, model_dir, *, arch: str, class_names:
     }
     cfg_path = write_atomic(model_dir / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
     final = registry.register_model(name, cfg_path, model=pth) if register else name
-    return ExportedModel(final, pth, cfg_path)
+    return PublishedModel(final, pth, cfg_path)
 
 
 def _save_quantized(module, path: Path) -> str | None:
@@ -153,9 +155,9 @@ def calibration_from_pairs(model_cfg: dict, norms: dict, pairs: list, limit: int
     return calibration_tensors(images, norms, multiple=padding_factor_for(model_cfg["arch"]), limit=limit)
 
 
-def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantize: bool = False,
+def publish_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantize: bool = False,
                       calibration_dir=None, description: str = "",
-                      progress: Progress | None = None) -> ExportedModel:
+                      progress: Progress | None = None) -> PublishedModel:
     """Export a training checkpoint as a registered TorchScript model (``panoptem export``).
 
     With ``quantize`` the int8 version, calibrated on the images of ``calibration_dir``
@@ -174,7 +176,7 @@ def export_checkpoint(checkpoint, model_dir, *, name: str | None = None, quantiz
         quantized = quantize_model(model, _calibration(cfg["MODEL"], keys["norms"], calibration_dir),
                                    progress=progress)
     name = name or cfg.get("model_name") or Path(checkpoint).name.split("_checkpoint")[0]
-    return export_trained_model(model, name, model_dir, arch=cfg["MODEL"]["arch"],
+    return publish_model(model, name, model_dir, arch=cfg["MODEL"]["arch"],
                                 description=description or cfg.get("description") or "",
                                 quantized=quantized, **keys)
 
