@@ -9,40 +9,24 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Dict  # noqa: UP035  (TorchScript wants typing.Dict in annotations)
 
 import pytest
 import torch
 import yaml
 
+from modelfiles import JIT_DEPRECATION, Tiny, save_scripted
 from panoptem import loading, model_archive, registry
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import CallbackProgress, Progress
 from testutils import FINETUNE, model_config
 
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
-)
-
-
-class Tiny(torch.nn.Module):
-    """Smallest module with the empanada model interface (stands in for a quantized file)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 1)
-
-    def forward(
-        self, x: torch.Tensor, render_steps: int = 2, interpolate_ins: bool = True
-    ) -> Dict[str, torch.Tensor]:  # noqa: UP006
-        y = self.conv(x)
-        return {"sem_logits": y[:, :1], "ctr_hmp": y[:, 1:2], "offsets": y[:, 2:4]}
+pytestmark = pytest.mark.filterwarnings(JIT_DEPRECATION)
 
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "tiny_quantized.pth"
-    torch.jit.save(torch.jit.script(Tiny().eval()), str(path))
+    """The smallest module with the empanada interface (stands in for a quantized file)."""
+    path = save_scripted(Tiny(), tmp_path_factory.mktemp("tiny") / "tiny_quantized.pth")
     return path
 
 

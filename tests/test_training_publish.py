@@ -11,19 +11,15 @@ from panoptem.training.publish import publish_model
 from testutils import SMALL_ARCH
 
 
+def _export(model, name, folder):
+    return publish_model(model, name, folder, arch=SMALL_ARCH["arch"],
+                                class_names={1: "mito"}, labels=[1], thing_list=[1],
+                                norms={"mean": 0.57571, "std": 0.12765})
+
+
 def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
     model = untrained_model(SMALL_ARCH)
-    norms = {"mean": 0.57571, "std": 0.12765}
-    out = publish_model(
-        model,
-        "MyFinetuned",
-        tmp_path / "models",
-        arch=SMALL_ARCH["arch"],
-        class_names={1: "mito"},
-        labels=[1],
-        thing_list=[1],
-        norms=norms,
-    )
+    out = _export(model, "MyFinetuned", tmp_path / "models")
     assert out.name == "MyFinetuned" and out.name in registry.list_models()
     info = registry.model_info(out.name)
     assert (
@@ -44,23 +40,8 @@ def test_exported_model_reloads_and_agrees(tmp_path, lucchi_image):
     assert (eager == exported).mean() > 0.999
     assert abs(len(np.unique(eager)) - len(np.unique(exported))) <= 1
     # a second export under the same name is registered as a new name, nothing overwritten
-    again = publish_model(
-        model,
-        "MyFinetuned",
-        tmp_path / "models2",
-        arch=SMALL_ARCH["arch"],
-        class_names={1: "mito"},
-        labels=[1],
-        thing_list=[1],
-        norms=norms,
-    )
+    again = _export(model, "MyFinetuned", tmp_path / "models2")
     assert again.name == "MyFinetunedNew"
-
-
-def _export(model, name, folder):
-    return publish_model(model, name, folder, arch=SMALL_ARCH["arch"],
-                                class_names={1: "mito"}, labels=[1], thing_list=[1],
-                                norms={"mean": 0.57571, "std": 0.12765})
 
 
 def test_a_second_model_with_the_same_name_keeps_the_first_ones_weights(tmp_path):

@@ -240,8 +240,8 @@ def _cmd_export(args) -> int:
 
     with TextProgress() as progress:
         out = publish_checkpoint(args.checkpoint, args.model_dir, name=args.name,
-                                quantize=args.quantize, calibration_dir=args.calibration_dir,
-                                progress=progress)
+                                 quantize=args.quantize, calibration_dir=args.calibration_dir,
+                                 progress=progress)
     print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
     return 0
 

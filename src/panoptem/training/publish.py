@@ -177,8 +177,8 @@ def publish_checkpoint(checkpoint, model_dir, *, name: str | None = None, quanti
                                    progress=progress)
     name = name or cfg.get("model_name") or Path(checkpoint).name.split("_checkpoint")[0]
     return publish_model(model, name, model_dir, arch=cfg["MODEL"]["arch"],
-                                description=description or cfg.get("description") or "",
-                                quantized=quantized, **keys)
+                         description=description or cfg.get("description") or "",
+                         quantized=quantized, **keys)
 
 
 def quantize_registered(name: str, calibration_dir, *, checkpoint=None, arch_config=None,

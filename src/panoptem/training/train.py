@@ -226,8 +226,8 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
 
         quantized = quantize_model(model, calibration_from_pairs(mcfg, norms, pairs), progress=prog)
     exported = publish_model(model, name, model_dir, arch=arch, class_names=class_names,
-                                    labels=labels, thing_list=thing_list, norms=norms,
-                                    description=description, quantized=quantized)
+                             labels=labels, thing_list=thing_list, norms=norms,
+                             description=description, quantized=quantized)
     return TrainedModel(exported, result.losses, result.evaluations, seconds,
                         exported.model_path.with_name(f"{exported.model_path.stem}_quantized.pth")
                         if quantize else None)
