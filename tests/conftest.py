@@ -9,7 +9,7 @@ import pytest
 
 from modelfiles import Tiny, save_scripted
 from panoptem import loading
-from testutils import EM_VOLUME, SMALL_ARCH, LocalServer, em_png, model_config
+from testutils import EM_DATA, EM_VOLUME, SMALL_ARCH, LocalServer, em_png, model_config
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +82,26 @@ def home(panoptem_home, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_pth(tmp_path) -> Path:
     return save_scripted(Tiny(), tmp_path / "tiny.pth")
+
+
+@pytest.fixture
+def two_class_dataset(tmp_path):
+    """Real SBEM crops with two classes: mitochondria as instances (class 1, ids 1001, 1002,
+    ...) and the dark membranes and myelin as one semantic class (class 2, id 2000)."""
+    import tifffile
+    from PIL import Image
+    from scipy import ndimage
+
+    root = tmp_path / "two_class" / "sbem"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for n in ("010", "012"):
+        image = np.asarray(Image.open(EM_DATA / f"cdeep3m_train_{n}_y0_x0.png"))
+        mito = np.asarray(Image.open(EM_DATA / f"cdeep3m_train_{n}_y0_x0_mask.png")) > 0
+        instances, count = ndimage.label(mito)
+        mask = np.where(mito, 1000 + instances, 0).astype(np.int32)
+        mask[(image < 70) & ~mito] = 2000
+        assert count > 10 and (mask == 2000).any()
+        Image.fromarray(image).save(root / "images" / f"s{n}.png")
+        tifffile.imwrite(root / "masks" / f"s{n}.tif", mask)
+    return tmp_path / "two_class"

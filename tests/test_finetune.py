@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from panoptem import loading, registry
+from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Engine2D
 from panoptem.training.finetune import finetune_model
 from testutils import EM_DATA, model_config
@@ -44,7 +45,8 @@ def test_finetune_registers_a_working_model(small_model_file, sbem_dataset, tmp_
         batch_size=2,
         finetune_layer="stage4",
     )
-    assert out.name == "Tuned" and "Tuned" in registry.list_models()
+    assert out.exported.name == "Tuned" and "Tuned" in registry.list_models()
+    assert len(out.losses) == 3 and out.evaluations == []  # no validation folder given
     after = loading.load_model("Tuned").module.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and not any(k.startswith("encoder.layer1.") for k in changed)
@@ -93,3 +95,62 @@ def test_finetune_command(small_model_file, sbem_dataset, tmp_path, capsys):
         == 2
     )
     assert "panoptem: error:" in capsys.readouterr().err
+
+
+def test_finetune_with_a_validation_folder(small_model_file, sbem_dataset, tmp_path):
+    from panoptem.cli import main
+
+    cfg = tmp_path / "base.yaml"
+    yaml.safe_dump(model_config(small_model_file), cfg.open("w"))
+    base = registry.register_model("ValBase", cfg)
+    out = finetune_model(base, sbem_dataset, tmp_path / "models", name="ValTuned", iterations=4,
+                         patch_size=64, batch_size=2, eval_dir=sbem_dataset, eval_every=2)
+    assert [ev["iteration"] for ev in out.evaluations] == [2, 4]
+    for ev in out.evaluations:
+        assert 0.0 <= ev["iou"] <= 1.0 and 0.0 <= ev["f1"] <= 1.0 and 0.0 <= ev["pq"] <= 1.0
+    rc = main(["finetune", str(sbem_dataset), "--model", base, "--name", "CliVal", "--model-dir",
+               str(tmp_path / "m"), "--iterations", "2", "--patch-size", "64", "--batch-size", "2",
+               "--eval-dir", str(sbem_dataset), "--quiet"])
+    assert rc == 0 and "CliVal" in registry.list_models()
+
+
+def test_finetune_a_model_with_two_classes(tmp_path, two_class_dataset):
+    """The original finetunes any registered model: a two-class model (mito instances, a
+    semantic class) trains on a PanopticDataset with its config's label divisor."""
+    from panoptem.demo import untrained_model
+    from panoptem.models import export_torchscript
+    from panoptem.training.finetune import model_classes
+    from testutils import SMALL_ARCH
+
+    pth = tmp_path / "two.pth"
+    export_torchscript(untrained_model({**SMALL_ARCH, "num_classes": 3}), pth)
+    finetune = dict(registry.get_config("MitoNet_v1")["FINETUNE"])
+    finetune["dataset_class"] = "PanopticDataset"
+    finetune["engine_params"] = {**finetune["engine_params"], "thing_list": [1],
+                                 "label_divisor": 1000}
+    config = model_config(pth, class_names={1: "mito", 2: "membrane"}, labels=[1, 2],
+                          thing_list=[1], FINETUNE=finetune)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    base = registry.register_model("TwoClass", tmp_path / "two.yaml")
+    classes = model_classes(registry.get_config(base))
+    assert (classes.dataset_class, classes.labels, classes.thing_list, classes.label_divisor) == \
+        ("PanopticDataset", [1, 2], [1], 1000)
+    out = finetune_model(base, two_class_dataset, tmp_path / "models", name="TwoTuned",
+                         iterations=2, patch_size=64, batch_size=2, eval_dir=two_class_dataset)
+    assert out.exported.name == "TwoTuned" and len(out.evaluations) == 1
+    tuned = registry.get_config("TwoTuned")
+    assert tuned["labels"] == [1, 2] and tuned["class_names"] == {1: "mito", 2: "membrane"}
+    assert tuned["FINETUNE"]["dataset_class"] == "PanopticDataset"
+    labels = Engine2D("TwoTuned").segment(np.zeros((64, 64), np.uint8) + 100)
+    assert set(np.unique(labels // 10000)) <= {0, 1, 2}
+
+
+def test_finetune_refuses_a_config_whose_dataset_class_contradicts_its_classes(
+    small_model_file, tmp_path, sbem_dataset
+):
+    finetune = dict(registry.get_config("MitoNet_v1")["FINETUNE"], dataset_class="PanopticDataset")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(model_config(small_model_file,
+                                                                 FINETUNE=finetune)))
+    base = registry.register_model("Odd", tmp_path / "c.yaml")
+    with pytest.raises(PanoptemError, match="needs SingleClassInstanceDataset"):
+        finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=64)

@@ -230,7 +230,7 @@ def test_finetune_with_custom_config(tiny_dataset, tmp_path, monkeypatch):
         config=path,
     )
     assert (
-        out.name == "Stage2"
+        out.exported.name == "Stage2"
         and registry.get_config("Stage2")["norms"]
         == registry.get_config("panoptem_mito_small")["norms"]
     )
@@ -247,3 +247,48 @@ def test_finetune_with_custom_config(tiny_dataset, tmp_path, monkeypatch):
             batch_size=2,
             config=bad,
         )
+
+
+def test_train_two_classes_from_dataset_labels_without_editing_the_config(
+    two_class_dataset, tmp_path, capsys
+):
+    """The template's DATASET says one class; --dataset-labels alone switches to the
+    multi-class dataset with its label divisor, as the original's Train widget does."""
+    rc = main(["train", "--config", str(_config(tmp_path)), "--train-dir", str(two_class_dataset),
+               "-o", str(tmp_path / "models"), "--name", "TwoClass", "--iterations", "2",
+               "--dataset-labels", "1,mito,instance;2,membrane,semantic",
+               "--label-divisor", "1000", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = registry.get_config("TwoClass")
+    assert cfg["labels"] == [1, 2] and cfg["thing_list"] == [1]
+    assert cfg["class_names"] == {1: "mito", 2: "membrane"}
+    assert cfg["FINETUNE"]["dataset_class"] == "PanopticDataset"
+    assert cfg["FINETUNE"]["dataset_params"]["label_divisor"] == 1000
+    labels = Engine2D("TwoClass").segment(em_png("cdeep3m_train_010_y0_x0.png")[:64, :64])
+    assert set(np.unique(labels // 10000)) <= {0, 1, 2}
+    # the labels also come as a file, one class per line
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("1,mito,instance\n2,membrane,semantic\n")
+    rc = main(["train", "--config", str(_config(tmp_path)), "--train-dir", str(two_class_dataset),
+               "-o", str(tmp_path / "models"), "--name", "TwoClassFile", "--iterations", "1",
+               "--dataset-labels", str(labels_file), "--quiet"])
+    assert rc == 0 and registry.get_config("TwoClassFile")["labels"] == [1, 2]
+
+
+@pytest.mark.parametrize("labels, divisor, match", [
+    ("1 mito", None, "is not 'id,name,instance'"),
+    ("1,mito,instance;1,er,semantic", None, "given twice"),
+    ("1,mito,instance;2,er,semantic", -1, "label divisor must be a positive integer"),
+])
+def test_bad_dataset_labels_are_refused_before_training(two_class_dataset, tmp_path, labels,
+                                                        divisor, match):
+    with pytest.raises(PanoptemError, match=match):
+        train_model(_config(tmp_path), train_dir=two_class_dataset, model_dir=tmp_path / "m",
+                    dataset_labels=labels, label_divisor=divisor)
+
+
+def test_a_dataset_class_that_contradicts_the_classes_is_refused(two_class_dataset, tmp_path):
+    path = _config(tmp_path, dataset_class="SingleClassInstanceDataset")
+    with pytest.raises(PanoptemError, match="needs PanopticDataset"):
+        train_model(path, train_dir=two_class_dataset, model_dir=tmp_path / "m",
+                    dataset_labels="1,mito,instance\n2,membrane,semantic")

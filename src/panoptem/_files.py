@@ -51,16 +51,23 @@ def write_atomic(target: str | os.PathLike, data: bytes | str) -> Path:
     return target
 
 
-def free_path(path: str | os.PathLike, taken: set | frozenset = frozenset()) -> Path:
+def free_path(path: str | os.PathLike, taken: set | frozenset = frozenset(),
+              also_in=()) -> Path:
     """``path``, or ``<stem>_1<suffix>``, ``<stem>_2<suffix>``, ... if that name is in use.
 
-    A name is in use when a file or folder of that name exists or it is in ``taken``
-    (paths chosen earlier in the same operation). The suffix is the last one only
-    (``a.tar.gz`` -> ``a.tar_1.gz``), except for folders such as ``x.zarr``.
+    A name is in use when a file or folder of that name exists (beside ``path``, or in one
+    of the folders ``also_in``, e.g. the masks folder beside an images folder) or it is in
+    ``taken`` (paths chosen earlier in the same operation). The suffix is the last one
+    only (``a.tar.gz`` -> ``a.tar_1.gz``).
     """
     path = Path(path)
+    folders = [Path(f) for f in also_in]
+
+    def used(p: Path) -> bool:
+        return p.exists() or p in taken or any((f / p.name).exists() for f in folders)
+
     candidate, n = path, 0
-    while candidate.exists() or candidate in taken:
+    while used(candidate):
         n += 1
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     return candidate

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="finetune a registered model on a dataset folder")
     ft.add_argument("train_dir", help="dataset folder: <dir>/<source>/images|masks/<same name>")
+    ft.add_argument("--eval-dir", help="validation folder, same layout: IoU, F1@0.5 and PQ are "
+                    "reported (at the end, or every --eval-every iterations)")
+    ft.add_argument("--eval-every", type=int, default=0, help="iterations between validations "
+                    "(default: at the end only)")
     ft.add_argument("--model", default="MitoNet_v1", help="model to finetune (default %(default)s)")
     ft.add_argument("--name", default="FinetunedModel", help="name of the new model (default %(default)s)")
     ft.add_argument("--model-dir", required=True, help="folder for the new .pth and .yaml")
@@ -158,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-dir", help="validation folder, same layout (else EVAL.eval_dir)")
     tr.add_argument("-o", "--model-dir", help="folder for the new .pth and .yaml (else TRAIN.model_dir)")
     tr.add_argument("--name", help="name of the new model (else model_name)")
+    tr.add_argument("--dataset-labels", help="the classes, one per line or separated by ';': "
+                    "id,name,instance|semantic (e.g. '1,mito,instance;2,er,semantic'), or a text "
+                    "file holding them; one class trains a SingleClassInstanceDataset, several a "
+                    "PanopticDataset (else the config's DATASET section)")
+    tr.add_argument("--label-divisor", type=int, help="several classes: masks hold class * "
+                    "divisor + k (else DATASET.label_divisor, 1000)")
     tr.add_argument("--iterations", type=int, help="training iterations (else TRAIN.iterations)")
     tr.add_argument("--patch-size", type=int, help="patch size (else TRAIN.patch_size, 256)")
     tr.add_argument("--batch-size", type=int, help="batch size (else TRAIN.batch_size)")
@@ -399,9 +409,18 @@ def _cmd_finetune(args) -> int:
                              iterations=args.iterations, patch_size=args.patch_size,
                              finetune_layer=args.finetune_layer, batch_size=args.batch_size,
                              device=args.device, seed=args.seed, config=args.config,
+                             eval_dir=args.eval_dir, eval_every=args.eval_every,
                              progress=progress)
-    print(f"registered '{out.name}': {out.model_path} + {out.config_path}")
+    _print_validations(out)
+    print(f"registered '{out.exported.name}': {out.exported.model_path} + "
+          f"{out.exported.config_path}")
     return 0
+
+
+def _print_validations(out) -> None:
+    for ev in out.evaluations:
+        print(f"validation at {ev['iteration']}: IoU {ev['iou']:.3f}  F1@0.5 {ev['f1']:.3f}  "
+              f"PQ {ev['pq']:.3f}")
 
 
 def _cmd_train(args) -> int:
@@ -413,14 +432,21 @@ def _cmd_train(args) -> int:
                           name=args.name, iterations=args.iterations, patch_size=args.patch_size,
                           batch_size=args.batch_size, eval_dir=args.eval_dir, device=args.device,
                           seed=args.seed, quantize=args.quantize, log_path=args.log,
-                          progress=progress)
-    for ev in out.evaluations:
-        print(f"validation at {ev['iteration']}: IoU {ev['iou']:.3f}  F1@0.5 {ev['f1']:.3f}  PQ {ev['pq']:.3f}")
+                          dataset_labels=_text_or_file(args.dataset_labels),
+                          label_divisor=args.label_divisor, progress=progress)
+    _print_validations(out)
     print(f"trained in {out.seconds / 60:.1f} min; registered '{out.exported.name}': "
           f"{out.exported.model_path} + {out.exported.config_path}")
     if out.quantized_path:
         print(f"quantized model: {out.quantized_path}")
     return 0
+
+
+def _text_or_file(value: str | None) -> str | None:
+    """The text of an option that takes either the text itself or a file holding it."""
+    if value and Path(value).is_file():
+        return Path(value).read_text()
+    return value
 
 
 def _cmd_demo(args) -> int:

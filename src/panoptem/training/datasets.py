@@ -16,6 +16,7 @@ Items are dicts made after augmentation, from the transformed mask:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ __all__ = [
     "SingleClassInstanceDataset",
     "PanopticDataset",
     "make_sampler",
+    "DatasetClasses",
+    "DEFAULT_LABEL_DIVISOR",
 ]
 
 #: The norms of MitoNet and of the CEM1.5M-pretrained encoder (fractions of 255).
@@ -351,3 +354,86 @@ def make_sampler(dataset, num_samples: int, generator: torch.Generator | None = 
     if weights is None:
         weights = torch.ones(len(dataset), dtype=torch.float64)
     return WeightedRandomSampler(weights, int(num_samples), replacement=True, generator=generator)
+
+
+#: The label divisor of a multi-class dataset when none is given (the original's default).
+DEFAULT_LABEL_DIVISOR = 1000
+
+
+@dataclass(frozen=True)
+class DatasetClasses:
+    """The classes of a training dataset and how its masks encode them.
+
+    Attributes
+    ----------
+    class_names : dict int -> str
+    labels : list of int
+        Class ids, in order.
+    thing_list : list of int
+        Classes with instances ("instance"); the others are semantic ("stuff").
+    label_divisor : int
+        Masks hold ``class * label_divisor + k`` when there are several classes; with one
+        class they hold instance ids (or a binary mask).
+    """
+
+    class_names: dict
+    labels: list
+    thing_list: list
+    label_divisor: int = DEFAULT_LABEL_DIVISOR
+
+    @property
+    def dataset_class(self) -> str:
+        """The original's rule: one class -> SingleClassInstanceDataset, else PanopticDataset."""
+        return "SingleClassInstanceDataset" if len(self.labels) == 1 else "PanopticDataset"
+
+    def dataset(self, root_or_pairs, **kwargs):
+        """The dataset of :attr:`dataset_class` over ``root_or_pairs`` (see the classes)."""
+        if self.dataset_class == "SingleClassInstanceDataset":
+            return SingleClassInstanceDataset(root_or_pairs, **kwargs)
+        return PanopticDataset(root_or_pairs, labels=self.labels, thing_list=self.thing_list,
+                               label_divisor=self.label_divisor, **kwargs)
+
+    @classmethod
+    def from_text(cls, text: str, label_divisor: int | None = None) -> DatasetClasses:
+        """Parse the Train widget's "Dataset labels": one class per line (or separated by
+        ``;``), ``id,name,instance`` or ``id,name,semantic``, e.g. ``1,mito,instance``."""
+        names, labels, things = {}, [], []
+        entries = [e.strip() for e in str(text).replace(";", "\n").splitlines() if e.strip()]
+        for entry in entries:
+            parts = [p.strip() for p in entry.split(",")]
+            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) < 1 or not parts[1] \
+                    or parts[2].lower() not in ("instance", "semantic"):
+                raise PanoptemError(
+                    f"Dataset label {entry!r} is not 'id,name,instance' or 'id,name,semantic' "
+                    "(id a whole number >= 1), e.g. '1,mito,instance'; one class per line."
+                )
+            cid = int(parts[0])
+            if cid in names:
+                raise PanoptemError(f"Class id {cid} is given twice in the dataset labels.")
+            names[cid] = parts[1]
+            labels.append(cid)
+            if parts[2].lower() == "instance":
+                things.append(cid)
+        if not labels:
+            raise PanoptemError("Dataset labels are empty: give one class per line, e.g. "
+                                "'1,mito,instance'.")
+        return cls.checked(names, labels, things, label_divisor)
+
+    @classmethod
+    def checked(cls, class_names, labels, thing_list, label_divisor=None) -> DatasetClasses:
+        """Validated classes (a multi-class divisor larger than any class's object count)."""
+        names = {int(k): str(v) for k, v in dict(class_names).items()}
+        labels = [int(c) for c in labels]
+        things = [int(c) for c in thing_list]
+        divisor = DEFAULT_LABEL_DIVISOR if label_divisor in (None, "", 0) else label_divisor
+        try:
+            divisor = int(divisor)
+        except (TypeError, ValueError):
+            raise PanoptemError(f"The label divisor must be a whole number; got {divisor!r}.") from None
+        if len(labels) > 1:
+            check_panoptic_labels(labels, divisor)
+        missing = [c for c in [*labels, *things] if c not in names]
+        if missing or not set(things) <= set(labels):
+            raise PanoptemError(f"Class ids {missing or sorted(set(things) - set(labels))} have no "
+                                "name or are not among the labels; list every class once.")
+        return cls(names, labels, things, divisor)

@@ -32,8 +32,7 @@ from panoptem.training.augment import augmentations_from_config
 from panoptem.training.config import load_training_config
 from panoptem.training.datasets import (
     DEFAULT_NORMS,
-    PanopticDataset,
-    SingleClassInstanceDataset,
+    DatasetClasses,
     find_pairs,
     image_norms,
     read_image_8bit,
@@ -42,15 +41,11 @@ from panoptem.training.datasets import (
 from panoptem.training.loop import save_checkpoint, train
 from panoptem.training.publish import PublishedModel, calibration_from_pairs, publish_model
 
-__all__ = ["CEM_WEIGHTS_URL", "TrainedModel", "train_model", "validation_metrics"]
+__all__ = ["CEM_WEIGHTS_URL", "TrainedModel", "train_model", "validation_metrics", "finetune_block"]
 
 #: The CEM1.5M SwAV-pretrained ResNet50 published with empanada (reference §7.6).
 CEM_WEIGHTS_URL = ("https://zenodo.org/record/6453160/files/"
                    "cem1.5m_swav_resnet50_200ep_balanced.pth.tar?download=1")
-
-_DATASETS = {"SingleClassInstanceDataset": SingleClassInstanceDataset,
-             "PanopticDataset": PanopticDataset}
-
 
 @dataclass
 class TrainedModel:
@@ -87,6 +82,21 @@ def _load_cem_weights(model: torch.nn.Module, encoder: str, progress) -> dict:
     return norms or dict(DEFAULT_NORMS)
 
 
+def finetune_block(classes: DatasetClasses, weight_gamma: float = 0.7) -> dict:
+    """The ``FINETUNE`` block of a trained model's config: MitoNet_v1's recipe with this
+    model's dataset class, classes and label divisor, so finetuning it later picks them."""
+    block = copy.deepcopy(registry.get_config("MitoNet_v1")["FINETUNE"])
+    block["dataset_class"] = classes.dataset_class
+    params = {"weight_gamma": weight_gamma}
+    if classes.dataset_class == "PanopticDataset":
+        params.update(labels=classes.labels, thing_list=classes.thing_list,
+                      label_divisor=classes.label_divisor)
+    block["dataset_params"] = params
+    block["engine_params"].update(thing_list=classes.thing_list,
+                                  label_divisor=classes.label_divisor)
+    return block
+
+
 def validation_metrics(model, config: dict, eval_dir, device="cpu") -> dict:
     """Segment every image of ``eval_dir`` (dataset layout) with ``model`` in eval mode and
     return the mean foreground IoU, F1@0.5 and PQ against the masks."""
@@ -108,7 +118,8 @@ def validation_metrics(model, config: dict, eval_dir, device="cpu") -> dict:
 def train_model(config, *, train_dir=None, model_dir=None, name: str | None = None,
                 iterations: int | None = None, patch_size: int | None = None,
                 batch_size: int | None = None, eval_dir=None, device="cpu", seed: int = 0,
-                quantize: bool = False, log_path=None,
+                quantize: bool = False, log_path=None, dataset_labels: str | None = None,
+                label_divisor: int | None = None,
                 progress: Progress | None = None) -> TrainedModel:
     """Train the model a config describes and register it.
 
@@ -123,6 +134,14 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     eval_dir : validation folder (same layout); overrides ``EVAL.eval_dir``.
     quantize : also write the int8 CPU model (calibrated on training images).
     log_path : a JSON-lines file getting the loss every 10 iterations and each validation.
+    dataset_labels : the Train widget's "Dataset labels", one class per line
+        ``id,name,instance|semantic``; overrides ``DATASET`` class_names/labels/thing_list.
+    label_divisor : how multi-class masks encode classes (``class * divisor + k``);
+        overrides ``DATASET.label_divisor`` (default 1000).
+
+    The dataset class follows the classes as in the original (one class:
+    SingleClassInstanceDataset, several: PanopticDataset with the label divisor), so no
+    config edit is needed; a ``TRAIN.dataset_class`` that contradicts the classes is refused.
     """
     cfg = copy.deepcopy(config) if isinstance(config, dict) else load_training_config(config)
     tcfg, dcfg, ecfg = cfg.setdefault("TRAIN", {}), cfg.setdefault("DATASET", {}), cfg.setdefault("EVAL", {})
@@ -142,11 +161,25 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     if patch_size % padding_factor_for(arch):
         raise PanoptemError(f"Patch size must be a multiple of {padding_factor_for(arch)} for {arch}; "
                             f"got {patch_size}.")
-    class_names = {int(k): str(v) for k, v in (dcfg.get("class_names") or {1: "object"}).items()}
-    labels = [int(c) for c in (dcfg.get("labels") or sorted(class_names))]
-    thing_list = [int(c) for c in (dcfg.get("thing_list") or labels)]
+    divisor = label_divisor or dcfg.get("label_divisor") or \
+        (ecfg.get("engine_params") or {}).get("label_divisor")
+    if dataset_labels:
+        classes = DatasetClasses.from_text(dataset_labels, divisor)
+    else:
+        names = dcfg.get("class_names") or {1: "object"}
+        labels = dcfg.get("labels") or sorted(int(k) for k in names)
+        classes = DatasetClasses.checked(names, labels, dcfg.get("thing_list") or labels, divisor)
+    class_names, labels, thing_list = classes.class_names, classes.labels, classes.thing_list
+    wanted = tcfg.get("dataset_class")
+    if wanted and wanted != classes.dataset_class:
+        raise PanoptemError(
+            f"TRAIN.dataset_class is {wanted} but the dataset has {len(labels)} class(es), which "
+            f"needs {classes.dataset_class}; remove TRAIN.dataset_class (it follows the classes)."
+        )
     if mcfg.get("num_classes") is None:
         mcfg["num_classes"] = 1 if len(labels) == 1 else len(labels) + 1
+    if not thing_list:  # no instance class: no instance decoder (as the original)
+        mcfg["ins_decoder"] = False
     prog = ensure_progress(progress)
 
     torch.manual_seed(seed)
@@ -161,20 +194,15 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
             norms = cem_norms
     elif pretraining not in (None, "none", "random"):
         raise PanoptemError(f"TRAIN.encoder_pretraining must be cem or null; got {pretraining!r}.")
-    dataset_cls = _DATASETS.get(tcfg.get("dataset_class") or "SingleClassInstanceDataset")
-    if dataset_cls is None:
-        raise PanoptemError(f"TRAIN.dataset_class must be one of {', '.join(_DATASETS)}.")
     pairs = find_pairs(train_dir)
     for extra in tcfg.get("additional_train_dirs") or []:
         pairs += find_pairs(extra)
     if norms.get("mean") is None or norms.get("std") is None:
         norms = image_norms(pairs)
     transforms = augmentations_from_config(tcfg.get("augmentations"), patch_size, seed)
-    dparams = dict(tcfg.get("dataset_params") or {})
-    if dataset_cls is PanopticDataset:
-        dparams.setdefault("labels", labels)
-        dparams.setdefault("thing_list", thing_list)
-    dataset = dataset_cls(pairs, transforms=transforms, norms=norms, seed=seed, **dparams)
+    gamma = (tcfg.get("dataset_params") or {}).get("weight_gamma", 0.0)
+    dataset = classes.dataset(pairs, transforms=transforms, norms=norms, seed=seed,
+                              weight_gamma=gamma)
 
     infer_config = {"class_names": class_names, "labels": labels, "thing_list": thing_list,
                     "padding_factor": padding_factor_for(arch), "norms": norms}
@@ -227,7 +255,8 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
         quantized = quantize_model(model, calibration_from_pairs(mcfg, norms, pairs), progress=prog)
     exported = publish_model(model, name, model_dir, arch=arch, class_names=class_names,
                              labels=labels, thing_list=thing_list, norms=norms,
-                             description=description, quantized=quantized)
+                             description=description, quantized=quantized,
+                             finetune=finetune_block(classes, gamma))
     return TrainedModel(exported, result.losses, result.evaluations, seconds,
                         exported.model_path.with_name(f"{exported.model_path.stem}_quantized.pth")
                         if quantize else None)
