@@ -153,4 +153,24 @@ def test_finetune_refuses_a_config_whose_dataset_class_contradicts_its_classes(
                                                                  FINETUNE=finetune)))
     base = registry.register_model("Odd", tmp_path / "c.yaml")
     with pytest.raises(PanoptemError, match="needs SingleClassInstanceDataset"):
-        finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=64)
+        finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=64,
+                       batch_size=2)
+
+
+def test_too_few_patches_for_one_batch_and_a_bad_patch_size_are_refused_first(
+    small_model_file, sbem_dataset, tmp_path, monkeypatch
+):
+    """Both are refused before the model is even loaded (nothing is trained or written)."""
+    import torch as torch_module
+
+    cfg = tmp_path / "base.yaml"
+    yaml.safe_dump(model_config(small_model_file, padding_factor=128), cfg.open("w"))
+    base = registry.register_model("Coarse", cfg)
+    with pytest.raises(PanoptemError, match="multiple of 128 for Coarse"):
+        finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=192)
+    loads = []
+    jit_load = torch_module.jit.load
+    monkeypatch.setattr(torch_module.jit, "load", lambda *a, **k: loads.append(1) or jit_load(*a, **k))
+    with pytest.raises(PanoptemError, match="holds 2 image/mask pair.* one batch takes 16"):
+        finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=128)
+    assert loads == [] and not any((tmp_path / "m").iterdir())

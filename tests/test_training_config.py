@@ -9,7 +9,7 @@ from panoptem.errors import PanoptemError
 from panoptem.models import build_model
 from panoptem.training.config import TEMPLATES, load_training_config, merge_configs
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "custom_configs"
+REPO_TEMPLATES = Path(__file__).resolve().parents[1] / "custom_configs"
 
 
 def test_merge_is_recursive_and_lists_replace():
@@ -23,7 +23,7 @@ def test_merge_is_recursive_and_lists_replace():
 
 
 def test_templates_load_and_inherit():
-    cfgs = {name: load_training_config(TEMPLATE_DIR / name) for name in TEMPLATES}
+    cfgs = {name: load_training_config(REPO_TEMPLATES / name) for name in TEMPLATES}
     pdl, bifpn = cfgs["custom_training_pdl.yaml"], cfgs["custom_training_bifpn.yaml"]
     # the training templates inherit the finetuning schedule and augmentations
     assert pdl["TRAIN"]["schedule_params"]["max_lr"] == 0.003
@@ -53,3 +53,16 @@ def test_bad_configs(tmp_path):
         load_training_config(tmp_path / "list.yaml")
     with pytest.raises(PanoptemError, match="not found"):
         load_training_config(tmp_path / "missing.yaml")
+
+
+def test_templates_ship_in_the_package_and_custom_configs_links_to_them():
+    from panoptem.training.config import ARCHITECTURES, TEMPLATE_DIR, training_template
+
+    for name in TEMPLATES:
+        assert (TEMPLATE_DIR / name).is_file()
+        assert (REPO_TEMPLATES / name).resolve() == (TEMPLATE_DIR / name).resolve()
+    assert training_template("PanopticDeepLab")["MODEL"]["arch"] == "PanopticDeepLabPR"
+    assert training_template("PanopticBiFPN")["MODEL"]["arch"] == "PanopticBiFPNPR"
+    assert set(ARCHITECTURES) == {"PanopticDeepLab", "PanopticBiFPN"}
+    with pytest.raises(PanoptemError, match="Model architecture must be one of"):
+        training_template("UNet")

@@ -292,3 +292,23 @@ def test_a_dataset_class_that_contradicts_the_classes_is_refused(two_class_datas
     with pytest.raises(PanoptemError, match="needs PanopticDataset"):
         train_model(path, train_dir=two_class_dataset, model_dir=tmp_path / "m",
                     dataset_labels="1,mito,instance\n2,membrane,semantic")
+
+
+def test_too_few_pairs_for_one_batch_is_refused_before_training(tiny_dataset, tmp_path,
+                                                                 monkeypatch):
+    import panoptem.models
+
+    monkeypatch.setattr(panoptem.models, "build_model",
+                        lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(PanoptemError, match="holds 4 image/mask pair.* one batch takes 16"):
+        train_model(_config(tmp_path), train_dir=tiny_dataset, model_dir=tmp_path / "m",
+                    batch_size=16)
+
+
+def test_the_widget_arguments_pick_the_template_cem_and_description(tiny_dataset, tmp_path):
+    out = train_model(architecture="PanopticDeepLab", train_dir=tiny_dataset,
+                      model_dir=tmp_path / "m", name="FromTemplate", iterations=1,
+                      patch_size=64, batch_size=2, use_cem=False, finetune_layer="stage4",
+                      description="A test model.", dataset_labels="1,mito,instance")
+    cfg = registry.get_config(out.exported.name)
+    assert cfg["description"] == "A test model." and cfg["padding_factor"] == 16

@@ -16,10 +16,25 @@ import yaml
 
 from panoptem.errors import PanoptemError
 
-__all__ = ["load_training_config", "merge_configs", "TEMPLATES"]
+__all__ = ["load_training_config", "merge_configs", "TEMPLATES", "TEMPLATE_DIR",
+           "ARCHITECTURES", "training_template"]
 
-# the templates users copy from the repository's custom_configs/ folder
+#: The templates, shipped in the package (the repository's custom_configs/ links to them,
+#: where users of the original look for them).
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATES = ("custom_finetuning.yaml", "custom_training_pdl.yaml", "custom_training_bifpn.yaml")
+
+#: The Train widget's "Model architecture" choices and the template each starts from.
+ARCHITECTURES = {"PanopticDeepLab": "custom_training_pdl.yaml",
+                 "PanopticBiFPN": "custom_training_bifpn.yaml"}
+
+
+def training_template(architecture: str = "PanopticDeepLab") -> dict:
+    """The training config of a "Model architecture" choice (its template, BASE resolved)."""
+    if architecture not in ARCHITECTURES:
+        raise PanoptemError(f"Model architecture must be one of {', '.join(ARCHITECTURES)}; "
+                            f"got {architecture!r}.")
+    return load_training_config(TEMPLATE_DIR / ARCHITECTURES[architecture])
 
 
 def merge_configs(base: dict, override: dict) -> dict:

@@ -43,6 +43,7 @@ __all__ = [
     "PanopticDataset",
     "make_sampler",
     "DatasetClasses",
+    "check_batch",
     "DEFAULT_LABEL_DIVISOR",
 ]
 
@@ -437,3 +438,12 @@ class DatasetClasses:
             raise PanoptemError(f"Class ids {missing or sorted(set(things) - set(labels))} have no "
                                 "name or are not among the labels; list every class once.")
         return cls(names, labels, things, divisor)
+
+
+def check_batch(dataset, batch_size: int, folder) -> None:
+    """Refuse a dataset with fewer image/mask pairs than one batch (as the original)."""
+    if len(dataset) < int(batch_size):
+        raise PanoptemError(
+            f"{folder} holds {len(dataset)} image/mask pair(s) but one batch takes "
+            f"{batch_size}: pick and store more patches (at least {batch_size})."
+        )

@@ -21,7 +21,7 @@ from panoptem.models.torchscript import JIT_DEPRECATION
 from panoptem.progress import Progress
 from panoptem.training.augment import augmentations_from_config, default_augmentations
 from panoptem.training.config import load_training_config
-from panoptem.training.datasets import DatasetClasses
+from panoptem.training.datasets import DatasetClasses, check_batch, find_pairs
 from panoptem.training.loop import train
 from panoptem.training.publish import publish_model
 from panoptem.training.train import TrainedModel, finetune_block, validation_metrics
@@ -55,10 +55,14 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
         pct_start), ``optimizer_params`` (weight_decay), ``dataset_params``
         (weight_gamma) and ``criterion_params``; the arguments above keep precedence.
     """
-    if patch_size % 16 or patch_size < 16:
-        raise PanoptemError(f"Patch size must be a multiple of 16; got {patch_size}.")
     writable_folder(model_dir, "model folder")  # refused before any work, not after training
     cfg = registry.get_config(model_name)
+    factor = int(cfg.get("padding_factor") or 16)
+    if patch_size < factor or patch_size % factor:
+        raise PanoptemError(f"Patch size must be a multiple of {factor} for {model_name} (its "
+                            f"padding factor, see Get model info); got {patch_size}.")
+    pairs = find_pairs(train_dir)
+    check_batch(pairs, batch_size, train_dir)
     finetune_cfg = cfg.get("FINETUNE", {})
     classes = model_classes(cfg)
     wanted = finetune_cfg.get("dataset_class")
@@ -82,7 +86,7 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
     transforms = (augmentations_from_config(custom["augmentations"], patch_size, seed)
                   if custom.get("augmentations") else default_augmentations(patch_size, seed))
     schedule = custom.get("schedule_params") or {}
-    dataset = classes.dataset(train_dir, transforms=transforms, norms=cfg["norms"],
+    dataset = classes.dataset(pairs, transforms=transforms, norms=cfg["norms"],
                               weight_gamma=gamma, seed=seed)
 
     def evaluate(m):

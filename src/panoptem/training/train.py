@@ -29,10 +29,11 @@ from panoptem._files import free_path, writable_folder
 from panoptem.errors import PanoptemError
 from panoptem.progress import Progress, ensure_progress
 from panoptem.training.augment import augmentations_from_config
-from panoptem.training.config import load_training_config
+from panoptem.training.config import load_training_config, training_template
 from panoptem.training.datasets import (
     DEFAULT_NORMS,
     DatasetClasses,
+    check_batch,
     find_pairs,
     image_norms,
     read_image_8bit,
@@ -115,17 +116,20 @@ def validation_metrics(model, config: dict, eval_dir, device="cpu") -> dict:
     return {"iou": float(iou), "f1": float(f1), "pq": float(pq)}
 
 
-def train_model(config, *, train_dir=None, model_dir=None, name: str | None = None,
+def train_model(config=None, *, architecture: str = "PanopticDeepLab",
+                train_dir=None, model_dir=None, name: str | None = None,
                 iterations: int | None = None, patch_size: int | None = None,
                 batch_size: int | None = None, eval_dir=None, device="cpu", seed: int = 0,
                 quantize: bool = False, log_path=None, dataset_labels: str | None = None,
-                label_divisor: int | None = None,
+                label_divisor: int | None = None, use_cem: bool | None = None,
+                finetune_layer: str | None = None, description: str | None = None,
                 progress: Progress | None = None) -> TrainedModel:
     """Train the model a config describes and register it.
 
     Parameters
     ----------
-    config : path of a training YAML or the dict it holds.
+    config : path of a training YAML or the dict it holds ("Custom config"); without one,
+        the template of ``architecture`` ("PanopticDeepLab" or "PanopticBiFPN").
     train_dir : dataset folder ``<dir>/<source>/images|masks``; overrides ``TRAIN.train_dir``.
     model_dir : where ``<name>.pth`` / ``.yaml`` go; overrides ``TRAIN.model_dir``.
     name : the model's name; overrides ``model_name``.
@@ -138,12 +142,22 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
         ``id,name,instance|semantic``; overrides ``DATASET`` class_names/labels/thing_list.
     label_divisor : how multi-class masks encode classes (``class * divisor + k``);
         overrides ``DATASET.label_divisor`` (default 1000).
+    use_cem : start the encoder from the CEM1.5M weights ("Use CEM pretrained weights");
+        overrides ``TRAIN.encoder_pretraining``.
+    finetune_layer : encoder stages to train ("Finetunable layers"); ``all`` whenever the
+        encoder starts from random weights, as in the original.
+    description : the model's description ("Description").
 
     The dataset class follows the classes as in the original (one class:
     SingleClassInstanceDataset, several: PanopticDataset with the label divisor), so no
     config edit is needed; a ``TRAIN.dataset_class`` that contradicts the classes is refused.
     """
-    cfg = copy.deepcopy(config) if isinstance(config, dict) else load_training_config(config)
+    if config is None:
+        cfg = training_template(architecture)
+    else:
+        cfg = copy.deepcopy(config) if isinstance(config, dict) else load_training_config(config)
+    if description:
+        cfg["description"] = description
     tcfg, dcfg, ecfg = cfg.setdefault("TRAIN", {}), cfg.setdefault("DATASET", {}), cfg.setdefault("EVAL", {})
     mcfg = dict(_require(cfg.get("MODEL"), "MODEL section"))
     name = _require(name or cfg.get("model_name"), "model name (model_name)")
@@ -181,22 +195,27 @@ def train_model(config, *, train_dir=None, model_dir=None, name: str | None = No
     if not thing_list:  # no instance class: no instance decoder (as the original)
         mcfg["ins_decoder"] = False
     prog = ensure_progress(progress)
+    if use_cem is not None:
+        tcfg["encoder_pretraining"] = "cem" if use_cem else None
+    pretraining = tcfg.get("encoder_pretraining")
+    if pretraining not in (None, "none", "random", "cem"):
+        raise PanoptemError(f"TRAIN.encoder_pretraining must be cem or null; got {pretraining!r}.")
+    if finetune_layer is not None:
+        tcfg["finetune_layer"] = finetune_layer if pretraining == "cem" else "all"
+    pairs = find_pairs(train_dir)  # before any work: enough pairs for one batch
+    for extra in tcfg.get("additional_train_dirs") or []:
+        pairs += find_pairs(extra)
+    check_batch(pairs, batch_size, train_dir)
 
     torch.manual_seed(seed)
     from panoptem.models import build_model
 
     model = build_model(mcfg)
-    pretraining = tcfg.get("encoder_pretraining")
     norms = dict(dcfg.get("norms") or {})
     if pretraining == "cem":
         cem_norms = _load_cem_weights(model, mcfg.get("encoder"), prog)
         if norms.get("mean") is None:
             norms = cem_norms
-    elif pretraining not in (None, "none", "random"):
-        raise PanoptemError(f"TRAIN.encoder_pretraining must be cem or null; got {pretraining!r}.")
-    pairs = find_pairs(train_dir)
-    for extra in tcfg.get("additional_train_dirs") or []:
-        pairs += find_pairs(extra)
     if norms.get("mean") is None or norms.get("std") is None:
         norms = image_norms(pairs)
     transforms = augmentations_from_config(tcfg.get("augmentations"), patch_size, seed)
