@@ -174,3 +174,36 @@ def test_too_few_patches_for_one_batch_and_a_bad_patch_size_are_refused_first(
     with pytest.raises(PanoptemError, match="holds 2 image/mask pair.* one batch takes 16"):
         finetune_model(base, sbem_dataset, tmp_path / "m", iterations=1, patch_size=128)
     assert loads == [] and not any((tmp_path / "m").iterdir())
+
+
+def test_a_cancel_keeps_the_last_checkpoint_and_the_progress_reads_out_the_loss(
+    small_model_file, sbem_dataset, tmp_path
+):
+    from panoptem.errors import Cancelled
+    from panoptem.progress import Progress
+
+    class CancelAfterThree(Progress):
+        notes: list = []
+
+        def on_note(self, text):
+            self.notes.append(text)
+
+        def on_advance(self, done, total):
+            if done == 3:
+                self.cancel()
+
+    cfg = tmp_path / "base.yaml"
+    yaml.safe_dump(model_config(small_model_file), cfg.open("w"))
+    base = registry.register_model("CancelBase", cfg)
+    progress = CancelAfterThree()
+    with pytest.raises(Cancelled) as err:
+        finetune_model(base, sbem_dataset, tmp_path / "models", name="Cut", iterations=10,
+                       patch_size=64, batch_size=2, eval_dir=sbem_dataset, eval_every=2,
+                       progress=progress)
+    kept = tmp_path / "models" / "Cut_checkpoint.pth"
+    assert err.value.kept == f"The last checkpoint is kept in {kept}."
+    assert kept.is_file() and "Cut" not in registry.list_models()  # nothing registered
+    checkpoint = loading.load_model(model_config(kept)).module  # a runnable TorchScript file
+    assert checkpoint is not None
+    assert progress.notes[0].startswith("loss ")
+    assert "validation IoU" in progress.notes[1]  # after the validation at iteration 2

@@ -15,7 +15,14 @@ class PanoptemError(Exception):
 
 
 class Cancelled(Exception):
-    """Raised between steps of a long job (slices, tiles, iterations) after a cancel request."""
+    """Raised between steps of a long job (slices, tiles, iterations) after a cancel request.
+
+    ``kept`` says what the job kept (e.g. "The last checkpoint is in ..."), for the user.
+    """
+
+    def __init__(self, *args, kept: str = "") -> None:
+        super().__init__(*args)
+        self.kept = kept
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:

@@ -32,13 +32,19 @@ class Progress:
         self.stage_name = ""
         self.total = 0
         self.done = 0
+        self.note_text = ""
 
     # -- called by the job -----------------------------------------------------------
     def stage(self, name: str, total: int) -> None:
         """Start a new stage with ``total`` steps (0 when the count is unknown)."""
         self.check()
-        self.stage_name, self.total, self.done = name, int(total), 0
+        self.stage_name, self.total, self.done, self.note_text = name, int(total), 0, ""
         self.on_stage(name, self.total)
+
+    def note(self, text: str) -> None:
+        """A short live read-out of the current stage, e.g. ``"loss 0.412"`` while training."""
+        self.note_text = str(text)
+        self.on_note(self.note_text)
 
     def advance(self, n: int = 1) -> None:
         """Record ``n`` finished steps, then stop the job if a cancel was requested."""
@@ -80,6 +86,9 @@ class Progress:
     def on_close(self) -> None:  # pragma: no cover - hook
         pass
 
+    def on_note(self, text: str) -> None:  # pragma: no cover - hook
+        pass
+
 
 class CallbackProgress(Progress):
     """Forwards every update to ``callback(stage, done, total)``."""
@@ -114,6 +123,10 @@ class TextProgress(Progress):
     def on_advance(self, done: int, total: int) -> None:
         if self._bar is not None:
             self._bar.update(done - self._bar.n)
+
+    def on_note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
 
     def on_close(self) -> None:
         if self._bar is not None:

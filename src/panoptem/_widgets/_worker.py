@@ -79,7 +79,13 @@ class _SignalProgress(Progress):
         self._relay.update.emit(name, 0, total)
 
     def on_advance(self, done: int, total: int) -> None:
-        self._relay.update.emit(self.stage_name, done, total)
+        self._relay.update.emit(self._label(), done, total)
+
+    def on_note(self, text: str) -> None:
+        self._relay.update.emit(self._label(), self.done, self.total)
+
+    def _label(self) -> str:
+        return f"{self.stage_name} ({self.note_text})" if self.note_text else self.stage_name
 
 
 def _torch_threads() -> int | None:
@@ -161,7 +167,8 @@ class Job:
     def _errored(self, err: BaseException) -> None:
         self.error = err
         if isinstance(err, Cancelled):
-            show_info(f"{self.title} cancelled.")
+            kept = getattr(err, "kept", "")
+            show_info(f"{self.title} cancelled." + (f" {kept}" if kept else ""))
         elif isinstance(err, PanoptemError):
             show_error(str(err))
         else:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from panoptem import registry
-from panoptem._files import writable_folder
+from panoptem._files import atomic_path, free_path, writable_folder
 from panoptem.errors import PanoptemError
 from panoptem.models.torchscript import JIT_DEPRECATION
 from panoptem.progress import Progress
 from panoptem.training.augment import augmentations_from_config, default_augmentations
 from panoptem.training.config import load_training_config
 from panoptem.training.datasets import DatasetClasses, check_batch, find_pairs
-from panoptem.training.loop import train
+from panoptem.training.loop import keep_checkpoint_on_cancel, train
 from panoptem.training.publish import publish_model
 from panoptem.training.train import TrainedModel, finetune_block, validation_metrics
 
@@ -94,13 +95,24 @@ def finetune_model(model_name: str, train_dir, model_dir, *, name: str = "Finetu
         # in its executor's state, which the next training step cannot backpropagate through
         return validation_metrics(_copy(m, device), cfg, eval_dir, device)
 
+    checkpoint_path = free_path(Path(model_dir) / f"{name}_checkpoint.pth")
+
+    def checkpoint(m, iteration: int) -> None:  # the TorchScript file as it is now
+        with atomic_path(checkpoint_path) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=DeprecationWarning)
+            torch.jit.save(m, str(tmp))
+
     start = time.perf_counter()
-    result = train(module, dataset, iterations=iterations, batch_size=batch_size, device=device, seed=seed,
-          max_lr=float(schedule.get("max_lr") or 0.003), pct_start=float(schedule.get("pct_start") or 0.3),
-          weight_decay=float((custom.get("optimizer_params") or {}).get("weight_decay", 0.1)),
-          finetune_layer=finetune_layer,
-          criterion_params=custom.get("criterion_params") or finetune_cfg.get("criterion_params"),
-          evaluate=evaluate if eval_dir else None, eval_every=eval_every, progress=progress)
+    with keep_checkpoint_on_cancel(checkpoint_path):
+        result = train(
+            module, dataset, iterations=iterations, batch_size=batch_size, device=device,
+            seed=seed, max_lr=float(schedule.get("max_lr") or 0.003),
+            pct_start=float(schedule.get("pct_start") or 0.3),
+            weight_decay=float((custom.get("optimizer_params") or {}).get("weight_decay", 0.1)),
+            finetune_layer=finetune_layer,
+            criterion_params=custom.get("criterion_params") or finetune_cfg.get("criterion_params"),
+            evaluate=evaluate if eval_dir else None, eval_every=eval_every,
+            checkpoint=checkpoint, save_every=max(1, iterations // 5), progress=progress)
     seconds = time.perf_counter() - start
     published = publish_model(
         module, name, model_dir, arch="finetuned", class_names=cfg["class_names"],

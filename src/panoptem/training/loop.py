@@ -13,7 +13,8 @@ iterations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,12 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from panoptem._files import atomic_path
-from panoptem.errors import PanoptemError
+from panoptem.errors import Cancelled, PanoptemError
 from panoptem.progress import Progress, ensure_progress
 from panoptem.training.losses import PanopticLoss
 
-__all__ = ["FINETUNE_LAYERS", "TrainResult", "set_trainable", "param_groups", "train", "save_checkpoint"]
+__all__ = ["FINETUNE_LAYERS", "TrainResult", "set_trainable", "param_groups", "train", "save_checkpoint",
+           "keep_checkpoint_on_cancel"]
 
 FINETUNE_LAYERS = ("none", "stage4", "stage3", "stage2", "stage1", "all")
 
@@ -92,6 +94,9 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
         the end (the model is put in eval mode around it).
     checkpoint : callable(model, iteration), run every ``save_every`` iterations and at the end.
     on_iteration : callable(iteration, loss) after every iteration (e.g. a loss log).
+
+    ``progress`` counts iterations and its :meth:`~panoptem.progress.Progress.note` shows the
+    loss and the last validation as they come.
     """
     if iterations < 1:
         raise PanoptemError(f"Iterations must be at least 1; got {iterations}.")
@@ -143,8 +148,20 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
             model.train()
         if checkpoint is not None and ((save_every and it % save_every == 0) or last):
             checkpoint(model, it)
+        prog.note(_read_out(result))
         prog.advance()
     return result
+
+
+def _read_out(result: TrainResult) -> str:
+    """The live read-out of a run: the loss, and the last validation when there is one."""
+    text = f"loss {result.losses[-1]:.3f}"
+    if result.evaluations:
+        names = {"iou": "IoU", "f1": "F1", "pq": "PQ"}
+        shown = [f"{names.get(k, k)} {v:.3f}" for k, v in result.evaluations[-1].items()
+                 if k != "iteration" and isinstance(v, float)]
+        text += (", validation " + " ".join(shown)) if shown else ""
+    return text
 
 
 def save_checkpoint(path, model: torch.nn.Module, arch_config: dict, norms: dict, iteration: int) -> Path:
@@ -155,3 +172,14 @@ def save_checkpoint(path, model: torch.nn.Module, arch_config: dict, norms: dict
         torch.save({"config": arch_config, "state_dict": model.state_dict(), "norms": norms,
                     "iteration": iteration}, tmp)
     return path
+
+
+@contextmanager
+def keep_checkpoint_on_cancel(path: Path) -> Iterator[None]:
+    """A cancel inside the block says where the last checkpoint is (when one was written)."""
+    try:
+        yield
+    except Cancelled as err:
+        if Path(path).exists():
+            raise Cancelled(*err.args, kept=f"The last checkpoint is kept in {path}.") from None
+        raise

@@ -39,7 +39,7 @@ from panoptem.training.datasets import (
     read_image_8bit,
     read_mask,
 )
-from panoptem.training.loop import save_checkpoint, train
+from panoptem.training.loop import keep_checkpoint_on_cancel, save_checkpoint, train
 from panoptem.training.publish import PublishedModel, calibration_from_pairs, publish_model
 
 __all__ = ["CEM_WEIGHTS_URL", "TrainedModel", "train_model", "validation_metrics", "finetune_block"]
@@ -241,32 +241,38 @@ def train_model(config=None, *, architecture: str = "PanopticDeepLab",
                                   "seconds": round(time.perf_counter() - start, 1)}) + "\n")
             log.flush()
 
+    description = (cfg.get("description") or
+                   f"{arch} ({mcfg.get('encoder')}) trained from scratch with panoptem on {train_dir} "
+                   f"for {iterations} iterations.")
+    cfg["MODEL"], cfg["model_name"], cfg["description"] = mcfg, name, description
+    cfg["DATASET"].update(class_names=class_names, labels=labels, thing_list=thing_list, norms=norms)
+    checkpoint_path = free_path(model_dir / f"{name}_checkpoint.pth.tar")
+
+    def checkpoint(m, iteration: int) -> None:  # weights, config and norms, as the original
+        save_checkpoint(checkpoint_path, m, cfg, norms, iteration)
+
     sched = tcfg.get("schedule_params") or {}
     try:
-        result = train(model, dataset, iterations=iterations, batch_size=batch_size,
-                       max_lr=float(sched.get("max_lr") or 0.003),
-                       pct_start=float(sched.get("pct_start") or 0.3),
-                       weight_decay=float((tcfg.get("optimizer_params") or {}).get("weight_decay", 0.1)),
-                       finetune_layer=tcfg.get("finetune_layer") or "all",
-                       criterion_params=tcfg.get("criterion_params"), device=device,
-                       amp=bool(tcfg.get("amp", True)),
-                       workers=min(int(tcfg.get("workers") or 0), os.cpu_count() or 1),
-                       seed=seed, evaluate=evaluate if eval_dir else None,
-                       eval_every=int(ecfg.get("eval_every") or 0),
-                       on_iteration=log_loss if log else None,
-                       progress=prog)
+        with keep_checkpoint_on_cancel(checkpoint_path):
+            result = train(
+                model, dataset, iterations=iterations, batch_size=batch_size,
+                max_lr=float(sched.get("max_lr") or 0.003),
+                pct_start=float(sched.get("pct_start") or 0.3),
+                weight_decay=float((tcfg.get("optimizer_params") or {}).get("weight_decay", 0.1)),
+                finetune_layer=tcfg.get("finetune_layer") or "all",
+                criterion_params=tcfg.get("criterion_params"), device=device,
+                amp=bool(tcfg.get("amp", True)),
+                workers=min(int(tcfg.get("workers") or 0), os.cpu_count() or 1),
+                seed=seed, evaluate=evaluate if eval_dir else None,
+                eval_every=int(ecfg.get("eval_every") or 0),
+                checkpoint=checkpoint, save_every=max(1, iterations // 5),
+                on_iteration=log_loss if log else None, progress=prog)
     finally:
         if log:
             log.close()
     seconds = time.perf_counter() - start
     model.eval()
     model.cpu()
-    description = (cfg.get("description") or
-                   f"{arch} ({mcfg.get('encoder')}) trained from scratch with panoptem on {train_dir} "
-                   f"for {iterations} iterations.")
-    cfg["MODEL"], cfg["model_name"], cfg["description"] = mcfg, name, description
-    cfg["DATASET"].update(class_names=class_names, labels=labels, thing_list=thing_list, norms=norms)
-    save_checkpoint(free_path(model_dir / f"{name}_checkpoint.pth.tar"), model, cfg, norms, iterations)
     quantized = None
     if quantize:
         from panoptem.models.quantize import quantize_model
