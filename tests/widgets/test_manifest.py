@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WIDGETS = {
     "panoptem.inference_2d": "2D Inference (Parameter Testing)",
     "panoptem.inference_3d": "3D Inference",
+    "panoptem.pick_patches": "Pick finetune/training patches",
+    "panoptem.save_patches": "Save finetune/training patches",
+    "panoptem.finetune_model": "Finetune a model",
+    "panoptem.train_model": "Train a model",
     "panoptem.register_model": "Register a model",
     "panoptem.model_info": "Get model info",
     "panoptem.export_model": "Export a model",

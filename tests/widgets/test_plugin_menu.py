@@ -20,6 +20,10 @@ from panoptem.inference.engine import Engine2D, Params2D
 MANIFEST_WIDGETS = [
     "2D Inference (Parameter Testing)",
     "3D Inference",
+    "Pick finetune/training patches",
+    "Save finetune/training patches",
+    "Finetune a model",
+    "Train a model",
     "Register a model",
     "Get model info",
     "Export a model",

@@ -122,15 +122,16 @@ def pick_patches(image, *, name: str = "image", points=None, n_patches: int = 16
         An image that is not 2D or 3D, RGB, empty; labels of another shape; a volume too
         thin for flipbooks; a patch size or count out of range; points outside the image.
     """
-    img = np.asarray(image)
-    if img.ndim not in (2, 3) or min(img.shape, default=0) == 0:
+    # a zarr or dask array stays on disk: only the crops are read
+    img = image if hasattr(image, "shape") and hasattr(image, "dtype") else np.asarray(image)
+    if len(img.shape) not in (2, 3) or min(img.shape, default=0) == 0:
         raise PanoptemError(
             f"Patches are picked from a 2D image, a 2D stack or a 3D volume; '{name}' has "
             f"shape {img.shape}. An RGB image must be converted to grayscale first."
         )
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != img.shape:
+        labels = labels if hasattr(labels, "shape") else np.asarray(labels)
+        if tuple(labels.shape) != tuple(img.shape):
             raise PanoptemError(
                 f"The paired labels have shape {labels.shape} but '{name}' has shape "
                 f"{img.shape}; pair the image with a labels layer of its shape."
@@ -219,11 +220,13 @@ def _flipbook(img: np.ndarray, point, size: int, isotropic: bool, rng) -> tuple:
     return (axis, (z0, z1), (y0, y1), (x0, x1)), f"{axis}_{z0}-{z1}_{y0}-{y1}_{x0}-{x1}"
 
 
-def _flip(arr: np.ndarray, region) -> np.ndarray:
+def _flip(arr, region) -> np.ndarray:
     """The (slices, rows, columns) block of a flipbook region, slices along its axis."""
     axis, (z0, z1), (y0, y1), (x0, x1) = region
-    moved = np.moveaxis(arr, axis, 0)
-    return np.asarray(moved[z0:z1, y0:y1, x0:x1])
+    rows, cols = [a for a in range(3) if a != axis]
+    index = [slice(None)] * 3
+    index[axis], index[rows], index[cols] = slice(z0, z1), slice(y0, y1), slice(x0, x1)
+    return np.moveaxis(np.asarray(arr[tuple(index)]), axis, 0)
 
 
 def patch_crop(suffix: str, size: int) -> tuple[int, int]:

@@ -66,14 +66,18 @@ def _require(value, what: str):
     return value
 
 
-def _load_cem_weights(model: torch.nn.Module, encoder: str, progress) -> dict:
-    """Load the CEM1.5M ResNet50 into the encoder; returns its norms."""
-    from panoptem.models import load_encoder_weights
-
+def _fetch_cem_weights(encoder: str, progress) -> Path:
+    """The CEM1.5M ResNet50 file (downloaded once), before any training work."""
     if encoder != "resnet50":
         raise PanoptemError(f"CEM pretrained weights exist only for resnet50; the config's encoder is "
                             f"{encoder}. Set TRAIN.encoder_pretraining to null or use resnet50.")
-    path = registry.fetch_file(CEM_WEIGHTS_URL, progress=progress)
+    return registry.fetch_file(CEM_WEIGHTS_URL, progress=progress)
+
+
+def _load_cem_weights(model: torch.nn.Module, path: Path) -> dict:
+    """Load the CEM1.5M ResNet50 into the encoder; returns its norms."""
+    from panoptem.models import load_encoder_weights
+
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -206,14 +210,15 @@ def train_model(config=None, *, architecture: str = "PanopticDeepLab",
     for extra in tcfg.get("additional_train_dirs") or []:
         pairs += find_pairs(extra)
     check_batch(pairs, batch_size, train_dir)
+    cem_path = _fetch_cem_weights(mcfg.get("encoder"), prog) if pretraining == "cem" else None
 
     torch.manual_seed(seed)
     from panoptem.models import build_model
 
     model = build_model(mcfg)
     norms = dict(dcfg.get("norms") or {})
-    if pretraining == "cem":
-        cem_norms = _load_cem_weights(model, mcfg.get("encoder"), prog)
+    if cem_path is not None:
+        cem_norms = _load_cem_weights(model, cem_path)
         if norms.get("mean") is None:
             norms = cem_norms
     if norms.get("mean") is None or norms.get("std") is None:
