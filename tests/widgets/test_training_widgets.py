@@ -278,3 +278,20 @@ def test_cancel_keeps_the_last_checkpoint(make_napari_viewer, wait_job, qtbot, t
     assert kept.is_file() and "Cut" not in registry.list_models()
     assert any(f"The last checkpoint is kept in {kept}" in t
                for level, t in notifications if level == "info")
+
+
+def test_pick_from_a_level_of_a_multiscale_image(make_napari_viewer, wait_job, lucchi_image):
+    """Points are placed on the full-resolution image; level 1 picks from the half-size one
+    around the same place (the point divided by the level's downsampling)."""
+    viewer = make_napari_viewer()
+    pyramid = [lucchi_image, lucchi_image[::2, ::2]]
+    image_layer = viewer.add_image(pyramid, multiscale=True, name="big")
+    points = viewer.add_points([[400.0, 600.0]], name="p")
+    pick = open_from_menu(viewer, PICK)
+    _set(pick, image_layer=image_layer, points_layer=points, num_patches=1, patch_size=224,
+         pyramid_level=1)
+    assert wait_job(click(pick)).error is None
+    patches = viewer.layers["big_patches"]
+    # level 1 is 384 x 512: the point (200, 300) there, the window kept inside the image
+    assert patches.metadata["suffices"] == ["s1-LOC-2d_88-312_188-412"]
+    np.testing.assert_array_equal(patches.data[0], pyramid[1][88:312, 188:412])
