@@ -218,6 +218,16 @@ def _common_training_fields(name: str) -> dict:
     )
 
 
+def _run_paths(model_name, train_dir, model_dir) -> tuple[str, str, str]:
+    """The new model's name, the train directory and the model directory, all required."""
+    name = str(model_name or "").strip()
+    _common.require(bool(name) and " " not in name, "Type a Model name without spaces.")
+    train, out = _folder(train_dir), _folder(model_dir)
+    _common.require(train is not None, "Choose the Train directory.")
+    _common.require(out is not None, "Choose the Model directory.")
+    return name, train, out
+
+
 def _refresh_model_lists(viewer) -> None:
     """Make every open widget re-read its model list (a new model was registered)."""
     for widget in viewer.window.dock_widgets.values():
@@ -264,12 +274,7 @@ class FinetuneModel(FunctionGui):
     def run(self, model_name: str, train_dir, eval_dir, model_dir, base_model: str,
             finetune_layer: str, iterations: int, patch_size: int, custom_config):
         try:
-            name = str(model_name or "").strip()
-            _common.require(bool(name) and " " not in name,
-                            "Type a Model name without spaces.")
-            train, out = _folder(train_dir), _folder(model_dir)
-            _common.require(train is not None, "Choose the Train directory.")
-            _common.require(out is not None, "Choose the Model directory.")
+            name, train, out = _run_paths(model_name, train_dir, model_dir)
             _common.require(bool(base_model), "Choose the Model to finetune.")
             _settings.apply_model_home()
             device = _common.device_name(_common.default_use_gpu())
@@ -328,12 +333,7 @@ class TrainModel(FunctionGui):
             label_divisor: str, model_arch: str, use_cem: bool, finetune_layer: str,
             iterations: int, patch_size: int, custom_config, description: str):
         try:
-            name = str(model_name or "").strip()
-            _common.require(bool(name) and " " not in name,
-                            "Type a Model name without spaces.")
-            train, out = _folder(train_dir), _folder(model_dir)
-            _common.require(train is not None, "Choose the Train directory.")
-            _common.require(out is not None, "Choose the Model directory.")
+            name, train, out = _run_paths(model_name, train_dir, model_dir)
             divisor = str(label_divisor or "").strip()
             _common.require(divisor.isdigit(), f"Label divisor must be a whole number (e.g. "
                             f"1000); got '{label_divisor}'.")
