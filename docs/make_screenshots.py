@@ -1,10 +1,12 @@
-"""Make the screenshots of the finetuning tutorial (docs/tutorial-finetuning.md).
+"""Make the screenshots of the user guide: the finetuning tutorial and the proofreading page.
 
-Runs napari (under a virtual display: ``xvfb-run -a .venv/bin/python docs/make_screenshots.py``)
-through the tutorial's steps with the bundled sample image and its mask, opening every
-widget from the Plugins menu as a user does, and writes ``docs/images/tutorial-*.png``. The
-model is finetuned for a few iterations only, so the pictures show the steps, not a good
-model. Nothing is written outside a temporary folder except the pictures.
+Runs napari (under a virtual display: ``xvfb-run -a .venv/bin/python docs/make_screenshots.py
+[tutorial|proofreading]``, both by default) with the bundled sample image and its mask,
+opening every widget from the Plugins menu as a user does, and writes
+``docs/images/tutorial-*.png`` (docs/tutorial-finetuning.md; the model is finetuned for a
+few iterations only, so the pictures show the steps, not a good model) and
+``docs/images/proofreading-*.png`` (docs/widgets/proofreading.md). Nothing is written
+outside a temporary folder except the pictures.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ OUT = HERE / "images"
 
 
 def main() -> None:
+    which = sys.argv[1:] or ["tutorial", "proofreading"]
+    if "tutorial" in which:
+        tutorial()
+    if "proofreading" in which:
+        proofreading()
+
+
+def _session(prefix: str):
+    """A napari viewer and the helpers the pictures are made with: open, run, shot."""
     import napari
-    import numpy as np
     from napari._app_model import get_app_model
     from npe2 import PluginManager
     from PIL import Image as PILImage
     from qtpy.QtWidgets import QApplication
-    from scipy import ndimage
 
-    import panoptem
-    from panoptem.demo import sample_image
-
-    work = Path(tempfile.mkdtemp(prefix="panoptem-tutorial-"))
-    os.environ["PANOPTEM_HOME"] = str(work / "home")  # keep the user's model list clean
-    OUT.mkdir(exist_ok=True)
     pm = PluginManager.instance()
     pm.discover()
     commands = {w.display_name: w.command for w in pm.get_manifest("panoptem").contributions.widgets}
@@ -55,15 +58,67 @@ def main() -> None:
             QApplication.processEvents()
         return job
 
-    def shot(name: str) -> None:
-        viewer.reset_view()
+    def shot(name: str, reset: bool = True) -> None:
+        if reset:
+            viewer.reset_view()
         for _ in range(20):
             QApplication.processEvents()
-        path = OUT / f"tutorial-{name}.png"
+        path = OUT / f"{prefix}-{name}.png"
         picture = PILImage.fromarray(viewer.window.screenshot(canvas_only=False))
         # a 256-colour palette keeps the pictures small in the repository
         picture.convert("RGB").quantize(256).save(path, optimize=True)
         print("wrote", path)
+
+    return viewer, open_widget, run, shot
+
+
+def proofreading() -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+    from scipy import ndimage
+
+    import panoptem
+    from panoptem.demo import sample_image
+
+    OUT.mkdir(exist_ok=True)
+    viewer, open_widget, run, shot = _session("proofreading")
+    viewer.add_image(sample_image(), name="sample")
+    mask = np.asarray(PILImage.open(Path(panoptem.__file__).parent / "data" / "lucchi_pp_sample_mask.png"))
+    labels = viewer.add_labels(ndimage.label(mask > 0)[0].astype(np.uint32), name="mito", opacity=0.6)
+    found = ndimage.find_objects(labels.data)
+    big = sorted(range(len(found)), key=lambda i: -(labels.data[found[i]] == i + 1).sum())[:3]
+    centre = [np.argwhere(labels.data == i + 1).mean(0) for i in big]
+    points = viewer.add_points(centre[:2], name="points", size=20, face_color="yellow")
+    merge = open_widget("Merge Labels")
+    merge.reset_choices()
+    merge.labels_layer.value, merge.points_layer.value = labels, points
+    shot("1-points-on-two-labels")
+    run(merge)
+    shot("2-merged")
+    labels.undo()
+    vox = np.argwhere(labels.data == big[0] + 1)  # one point at each end of the largest object
+    points.data = [vox[vox[:, 1].argmin()], vox[vox[:, 1].argmax()]]
+    split = open_widget("Split Labels")
+    run(split, labels_layer=labels, points_layer=points, points_as_markers=True)
+    shot("3-split")
+    count = open_widget("Count Labels")
+    run(count, labels_layer=labels, label_text="1,mito")
+    shot("4-count")
+    viewer.close()
+
+
+def tutorial() -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+    from scipy import ndimage
+
+    import panoptem
+    from panoptem.demo import sample_image
+
+    work = Path(tempfile.mkdtemp(prefix="panoptem-tutorial-"))
+    os.environ["PANOPTEM_HOME"] = str(work / "home")  # keep the user's model list clean
+    OUT.mkdir(exist_ok=True)
+    viewer, open_widget, run, shot = _session("tutorial")
 
     image = viewer.add_image(sample_image(), name="sample")
     mask = np.asarray(PILImage.open(Path(panoptem.__file__).parent / "data" / "lucchi_pp_sample_mask.png"))

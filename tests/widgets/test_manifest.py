@@ -14,6 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 WIDGETS = {
     "panoptem.inference_2d": "2D Inference (Parameter Testing)",
     "panoptem.inference_3d": "3D Inference",
+    "panoptem.export_segmentations": "Export Segmentations",
+    "panoptem.count_labels": "Count Labels",
+    "panoptem.merge_labels": "Merge Labels",
+    "panoptem.delete_labels": "Delete Labels",
+    "panoptem.morph_labels": "Morph Labels",
+    "panoptem.split_labels": "Split Labels",
+    "panoptem.filter_labels": "Filter Labels",
+    "panoptem.jump_to_label": "Jump to label",
+    "panoptem.next_available_label": "Find next available label",
     "panoptem.pick_patches": "Pick finetune/training patches",
     "panoptem.save_patches": "Save finetune/training patches",
     "panoptem.finetune_model": "Finetune a model",
@@ -23,6 +32,8 @@ WIDGETS = {
     "panoptem.export_model": "Export a model",
     "panoptem.import_model": "Import a model",
     "panoptem.archive_model": "Archive a model",
+    "panoptem.create_tiles": "Create Tiles",
+    "panoptem.merge_tiles": "Merge Tiles",
 }
 
 

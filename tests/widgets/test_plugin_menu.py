@@ -20,6 +20,15 @@ from panoptem.inference.engine import Engine2D, Params2D
 MANIFEST_WIDGETS = [
     "2D Inference (Parameter Testing)",
     "3D Inference",
+    "Export Segmentations",
+    "Count Labels",
+    "Merge Labels",
+    "Delete Labels",
+    "Morph Labels",
+    "Split Labels",
+    "Filter Labels",
+    "Jump to label",
+    "Find next available label",
     "Pick finetune/training patches",
     "Save finetune/training patches",
     "Finetune a model",
@@ -29,6 +38,8 @@ MANIFEST_WIDGETS = [
     "Export a model",
     "Import a model",
     "Archive a model",
+    "Create Tiles",
+    "Merge Tiles",
 ]
 
 

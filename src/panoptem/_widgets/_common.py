@@ -10,6 +10,7 @@ it, so a model registered while napari runs appears without reopening the widget
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QEvent, QObject
@@ -135,6 +136,18 @@ def device_name(use_gpu: bool) -> str:
 
     show_warning("'Use GPU' is ticked but no CUDA GPU is available here: running on the CPU.")
     return "cpu"
+
+
+def folder_field(value) -> str | None:
+    """A folder field's path, None when it is empty or left at "." (the original's none)."""
+    text = str(value or "").strip()
+    return None if text in ("", ".") else text
+
+
+def file_field(value) -> str | None:
+    """A file field's path, None when empty (a cleared file field shows a folder)."""
+    text = folder_field(value)
+    return None if text is None or Path(text).is_dir() else text
 
 
 def require(condition: bool, message: str) -> None:

@@ -29,18 +29,6 @@ from panoptem.training.patches import pick_patches, store_patches
 __all__ = ["PickPatches", "SavePatches", "FinetuneModel", "TrainModel"]
 
 
-def _folder(value) -> str | None:
-    """A folder field's path, None when it is empty or left at "." (the original's none)."""
-    text = str(value or "").strip()
-    return None if text in ("", ".") else text
-
-
-def _file(value) -> str | None:
-    """A file field's path, None when empty (a cleared file field shows a folder)."""
-    text = _folder(value)
-    return None if text is None or Path(text).is_dir() else text
-
-
 # --------------------------------------------------------------------------------------
 # Pick finetune/training patches
 # --------------------------------------------------------------------------------------
@@ -182,7 +170,7 @@ class SavePatches(FunctionGui):
             _common.require(image_layer is not None and labels_layer is not None,
                             "Choose the patches (image layer) and their annotation (labels "
                             "layer).")
-            folder = _folder(save_dir)
+            folder = _common.folder_field(save_dir)
             _common.require(folder is not None, "Choose the Save directory.")
             _common.require(bool(str(dataset_name).strip()), "Type a Dataset name.")
             meta = image_layer.metadata or {}
@@ -222,7 +210,7 @@ def _run_paths(model_name, train_dir, model_dir) -> tuple[str, str, str]:
     """The new model's name, the train directory and the model directory, all required."""
     name = str(model_name or "").strip()
     _common.require(bool(name) and " " not in name, "Type a Model name without spaces.")
-    train, out = _folder(train_dir), _folder(model_dir)
+    train, out = _common.folder_field(train_dir), _common.folder_field(model_dir)
     _common.require(train is not None, "Choose the Train directory.")
     _common.require(out is not None, "Choose the Model directory.")
     return name, train, out
@@ -288,7 +276,7 @@ class FinetuneModel(FunctionGui):
             return finetune_model(
                 base_model, train, out, name=name, iterations=int(iterations),
                 patch_size=int(patch_size), finetune_layer=finetune_layer, device=device,
-                config=_file(custom_config), eval_dir=_folder(eval_dir), progress=progress)
+                config=_common.file_field(custom_config), eval_dir=_common.folder_field(eval_dir), progress=progress)
 
         return start_job(work, title="Finetune", on_done=_trained(self._viewer, "Model"))
 
@@ -347,9 +335,9 @@ class TrainModel(FunctionGui):
             from panoptem.training.train import train_model
 
             return train_model(
-                _file(custom_config), architecture=model_arch, train_dir=train, model_dir=out,
+                _common.file_field(custom_config), architecture=model_arch, train_dir=train, model_dir=out,
                 name=name, iterations=int(iterations), patch_size=int(patch_size),
-                eval_dir=_folder(eval_dir), device=device, dataset_labels=dataset_labels,
+                eval_dir=_common.folder_field(eval_dir), device=device, dataset_labels=dataset_labels,
                 label_divisor=int(divisor), use_cem=use_cem, finetune_layer=finetune_layer,
                 description=str(description or "").strip() or None, progress=progress)
 
