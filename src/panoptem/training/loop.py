@@ -13,6 +13,7 @@ iterations.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,8 +112,14 @@ def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int =
     weights = torch.as_tensor(weights if weights is not None else [1.0] * len(dataset), dtype=torch.double)
     sampler = WeightedRandomSampler(weights, num_samples=iterations * batch_size, replacement=True,
                                     generator=gen)
+    # forking the process from a thread other than the main one (a napari worker: the GUI
+    # and its threads are mid-flight) gives workers that can die at exit; spawn them instead
+    context = None
+    if workers > 0 and threading.current_thread() is not threading.main_thread():
+        context = "spawn"
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=True, pin_memory=device.type == "cuda")
+                        drop_last=True, pin_memory=device.type == "cuda",
+                        multiprocessing_context=context)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=max_lr)
     # OneCycle divides by zero when the warm-up is exactly one step (e.g. 10 iterations at
     # 0.1); such runs get a two-step warm-up
