@@ -10,7 +10,7 @@ Weights are random (the architecture and TorchScript export are MitoNet_v1's, so
 forward cost is the real one); heads are given spatial structure so post-processing sees
 a realistic number of objects. Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_2d.py [--repeat 3] [--threads 2]
+    .venv/bin/python benchmarks/bench_2d.py [--repeat 3] [--threads 2] [--plain]
 """
 
 from __future__ import annotations
@@ -52,19 +52,21 @@ def model_file(cache: Path) -> Path:
     return path
 
 
-def run_case(name: str, repeat: int, threads: int, cache: Path) -> dict:
+def run_case(name: str, repeat: int, threads: int, cache: Path, plain: bool = False) -> dict:
     import numpy as np
     import torch
     from PIL import Image
 
     from panoptem.inference.engine import Engine2D
+    from panoptem.loading import load_model
 
     torch.set_num_threads(threads)
     img = np.asarray(Image.open(IMAGE))
     cfg = {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1],
            "model": str(model_file(cache)), "model_quantized": None, "padding_factor": 16,
            "norms": {"mean": 0.57571, "std": 0.12765}}
-    engine = Engine2D(cfg)
+    # plain: the TorchScript file's module as loaded, not prepared for inference (frozen)
+    engine = Engine2D(load_model(cfg, optimize=not plain))
     engine.segment(img, **CASES[name])  # warm-up: TorchScript profiling runs
     runs = []
     for _ in range(repeat):
@@ -87,16 +89,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "panoptem-bench"))
+    ap.add_argument("--plain", action="store_true",
+                    help="run the model file as loaded (not frozen and optimised for inference)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.one, args.repeat, args.threads, Path(args.cache))))
+        print(json.dumps(run_case(args.one, args.repeat, args.threads, Path(args.cache), args.plain)))
         return
     model_file(Path(args.cache))
     print(f"{'case':<14}{'total s':>9}{'forward s':>11}{'overhead':>10}{'objects':>9}{'peak RSS MB':>13}")
     for name in args.cases:  # one process per case so peak memory is that case's own
         out = subprocess.run([sys.executable, __file__, "--one", name, "--repeat", str(args.repeat),
-                              "--threads", str(args.threads), "--cache", args.cache],
+                              "--threads", str(args.threads), "--cache", args.cache,
+                              *(["--plain"] if args.plain else [])],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{r['case']:<14}{r['total_s']:>9}{r['forward_s']:>11}{r['overhead_pct']:>9}%"
