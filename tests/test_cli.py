@@ -357,3 +357,71 @@ def test_unwritable_model_folder_is_refused_before_any_work(tmp_path, capsys, co
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"panoptem: error: Cannot write to the model folder {blocker / 'models'} "
                    "(Not a directory); choose a folder you can write to."], err
+
+
+# -- label tools: count, filter, tiles ----------------------------------------------------
+def _labels_tif(tmp_path, name="mito.tif", three_d=False):
+    from testutils import mito_instances_2d, mito_instances_3d
+
+    labels = mito_instances_3d() if three_d else mito_instances_2d()
+    path = tmp_path / name
+    tifffile.imwrite(path, labels)
+    return path, labels
+
+
+def test_count_command_prints_per_class_and_writes_csv(tmp_path, capsys):
+    import csv
+
+    path, labels = _labels_tif(tmp_path)
+    panoptic = np.where(labels > 0, labels + np.where(labels % 2, 1000, 2000), 0).astype(np.uint32)
+    tifffile.imwrite(path, panoptic)
+    out = tmp_path / "counts.csv"
+    assert main(["count", str(path), "--label-divisor", "1000", "--names", "1,mito;2,other", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    odd = int(np.sum(np.unique(labels[labels > 0]) % 2 == 1))
+    assert f"class 1 (mito): {odd} labels" in text and "class 2 (other)" in text
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    ids, counts = np.unique(panoptic[panoptic > 0], return_counts=True)
+    assert [int(r["label_id"]) for r in rows] == ids.tolist()
+    assert [int(r["voxels"]) for r in rows] == counts.tolist()
+    # an existing CSV is refused before any work
+    assert main(["count", str(path), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_filter_command_small_and_border(tmp_path, capsys):
+    from scipy import ndimage as ndi
+    from skimage.segmentation import clear_border
+
+    path, labels = _labels_tif(tmp_path, three_d=True)
+    out = tmp_path / "kept.tif"
+    assert main(["filter", str(path), "-o", str(out), "--min-area", "500"]) == 0
+    sizes = ndi.sum_labels(np.ones_like(labels), labels, index=np.arange(1, labels.max() + 1))
+    small = np.arange(1, labels.max() + 1)[sizes <= 500]
+    assert np.array_equal(tifffile.imread(out), np.where(np.isin(labels, small), 0, labels))
+    assert f"removed {len(small)} labels" in capsys.readouterr().out
+    out2 = tmp_path / "inner.tif"
+    assert main(["filter", str(path), "-o", str(out2), "--border", "--per-plane"]) == 0
+    assert np.array_equal(tifffile.imread(out2), np.stack([clear_border(p) for p in labels]))
+    assert main(["filter", str(path), "-o", str(out2), "--border"]) == 2  # exists: refused
+
+
+def test_tiles_commands_round_trip(tmp_path, capsys):
+    from testutils import em_png, mito_instances_2d
+
+    image = np.tile(em_png("cdeep3m_train_010_y0_x0.png"), (2, 3))[:1000, :1300]
+    mask = np.tile(mito_instances_2d(), (2, 3))[:1000, :1300]
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    tifffile.imwrite(tmp_path / "big_mask.tif", mask)
+    tiles = tmp_path / "tiles"
+    assert main(["tiles", "create", str(tmp_path / "big.tif"), str(tiles), "--mask",
+                 str(tmp_path / "big_mask.tif"), "--tile-size", "384", "--quiet"]) == 0
+    assert len(list((tiles / "im").glob("*.tif"))) == 3 * 4
+    assert main(["tiles", "merge", str(tiles), str(tmp_path / "merged"), "--quiet"]) == 0
+    im, msk = tifffile.imread(tmp_path / "merged" / "im.tif"), tifffile.imread(tmp_path / "merged" / "msk.tif")
+    assert im.dtype == image.dtype and np.array_equal(im, image)
+    assert msk.dtype == mask.dtype and np.array_equal(msk, mask)
+    # tiles are never written over
+    assert main(["tiles", "create", str(tmp_path / "big.tif"), str(tiles), "--quiet"]) == 2
+    assert "panoptem: error" in capsys.readouterr().err

@@ -192,6 +192,39 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--arch-config", help="training config that built the model (its MODEL section); "
                      "the weights are read from the registered TorchScript file")
 
+    cnt = sub.add_parser("count", help="count labels per class (Count Labels), optionally as CSV")
+    cnt.add_argument("labels", help="labels (.tif/.png/.npy)")
+    cnt.add_argument("--label-divisor", type=int, help="class = label // divisor (default: one class)")
+    cnt.add_argument("--per-plane", action="store_true", help="count each plane of a stack on its own")
+    cnt.add_argument("--names", default="", help="class names as 'id,name' pairs, ';'-separated "
+                     "(e.g. '1,mito;2,nucleus')")
+    cnt.add_argument("-o", "--output", help="also write one row per label to this .csv")
+    cnt.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    flt = sub.add_parser("filter", help="remove small or border-touching labels (Filter Labels)")
+    flt.add_argument("labels", help="labels (.tif/.png/.npy), 2D or a 3D stack")
+    flt.add_argument("-o", "--output", required=True, help="the filtered labels (.tif)")
+    how = flt.add_mutually_exclusive_group()
+    how.add_argument("--min-area", type=int, default=100,
+                     help="remove labels of this many pixels/voxels or fewer (default %(default)s)")
+    how.add_argument("--border", action="store_true", help="remove labels touching the border instead")
+    flt.add_argument("--per-plane", action="store_true", help="each plane of a stack on its own "
+                     "(the widget's '2D patches')")
+    flt.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    tiles = sub.add_parser("tiles", help="cut a large 2D tif into tiles, or merge them back")
+    tsub = tiles.add_subparsers(dest="tiles_command", required=True, metavar="{create,merge}")
+    tcr = tsub.add_parser("create", help="cut IMAGE (and --mask) into square tiles in OUT_DIR")
+    tcr.add_argument("image", help="a large 2D tif image")
+    tcr.add_argument("out_dir", help="folder for im/, msk/ and metadata.tif (new or empty)")
+    tcr.add_argument("--mask", help="its mask or labels, cut on the same grid")
+    tcr.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default %(default)s)")
+    tcr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tmg = tsub.add_parser("merge", help="put the tiles of TILE_DIR back together in OUT_DIR")
+    tmg.add_argument("tile_dir", help="a folder made by 'tiles create' (or the original's Create Tiles)")
+    tmg.add_argument("out_dir", help="folder for im.tif (and msk.tif); existing files are kept")
+    tmg.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
     demo.add_argument("--image", help="use this image instead of the bundled sample")
@@ -400,6 +433,61 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _class_names(text: str) -> dict[int, str]:
+    from panoptem.proofread import parse_class_names
+
+    return parse_class_names(text.replace(";", "\n"))
+
+
+def _cmd_count(args) -> int:
+    from panoptem import io, proofread
+    from panoptem._files import check_output
+
+    names = _class_names(args.names)
+    out = check_output(args.output, "CSV file", args.overwrite) if args.output else None
+    labels = io.read_labels(args.labels)
+    rows = proofread.count_labels(labels, label_divisor=args.label_divisor, per_plane=args.per_plane)
+    per_class: dict[int, set[int]] = {}
+    for r in rows:
+        per_class.setdefault(r["class_id"], set()).add(r["label_id"])
+    for cid, ids in sorted(per_class.items()):
+        print(f"class {cid} ({names.get(cid, '-')}): {len(ids)} labels")
+    if not rows:
+        print("no labels")
+    if out is not None:
+        proofread.write_counts_csv(out, rows, names)
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_filter(args) -> int:
+    from panoptem import io, proofread
+    from panoptem._files import check_output
+
+    out = check_output(args.output, "output", args.overwrite)
+    labels = io.read_labels(args.labels)
+    scope = "2D patches" if args.per_plane else ("3D image or z-stack" if labels.ndim == 3 else "Current image")
+    kept, removed = proofread.filter_labels(labels, min_area=args.min_area, border=args.border, apply_to=scope)
+    io.write_labels(out, kept.astype(labels.dtype, copy=False))
+    print(f"removed {len(removed)} labels; wrote {out}")
+    return 0
+
+
+def _cmd_tiles(args) -> int:
+    from panoptem.progress import TextProgress
+    from panoptem.tiles import create_tiles, merge_tiles
+
+    with TextProgress(disable=args.quiet) as progress:
+        if args.tiles_command == "create":
+            out = create_tiles(args.image, args.out_dir, tile_size=args.tile_size,
+                               mask_path=args.mask, progress=progress)
+            print(f"wrote tiles and metadata.tif to {out}")
+        else:
+            image, mask = merge_tiles(args.tile_dir, args.out_dir, progress=progress)
+            print(f"wrote {image}" + (f" and {mask}" if mask else ""))
+    return 0
+
+
 def _cmd_finetune(args) -> int:
     from panoptem.progress import TextProgress
     from panoptem.training.finetune import finetune_model
@@ -462,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"models": _cmd_models, "segment": _cmd_segment, "segment3d": _cmd_segment3d,
                 "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "train": _cmd_train,
-                "export": _cmd_export, "quantize": _cmd_quantize,
-                "demo": _cmd_demo}
+                "export": _cmd_export, "quantize": _cmd_quantize, "count": _cmd_count,
+                "filter": _cmd_filter, "tiles": _cmd_tiles, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except PanoptemError as err:
