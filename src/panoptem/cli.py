@@ -447,10 +447,7 @@ def _cmd_count(args) -> int:
     out = check_output(args.output, "CSV file", args.overwrite) if args.output else None
     labels = io.read_labels(args.labels)
     rows = proofread.count_labels(labels, label_divisor=args.label_divisor, per_plane=args.per_plane)
-    per_class: dict[int, set[int]] = {}
-    for r in rows:
-        per_class.setdefault(r["class_id"], set()).add(r["label_id"])
-    for cid, ids in sorted(per_class.items()):
+    for cid, ids in proofread.labels_per_class(rows).items():
         print(f"class {cid} ({names.get(cid, '-')}): {len(ids)} labels")
     if not rows:
         print("no labels")

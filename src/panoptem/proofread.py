@@ -23,6 +23,7 @@ boxes of the labels it touches, not the volume.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
     "filter_labels",
     "FILTER_SCOPES",
     "count_labels",
+    "labels_per_class",
     "parse_class_names",
     "write_counts_csv",
 ]
@@ -168,6 +170,11 @@ class LabelBoxes:
                 stop[0] += z0
                 cls._grow(lo, hi, int(ids[k]), start, stop)
         return cls(shape, lo, hi)
+
+    def refresh(self, labels) -> None:
+        """Build the boxes again from ``labels`` (after it changed behind their back)."""
+        fresh = LabelBoxes.of(labels)
+        self.shape, self._lo, self._hi = fresh.shape, fresh._lo, fresh._hi
 
     @staticmethod
     def _grow(lo, hi, label: int, start: np.ndarray, stop: np.ndarray) -> None:
@@ -306,7 +313,10 @@ def _boxes_for(labels, boxes: LabelBoxes | None) -> LabelBoxes:
     if boxes is None:
         return LabelBoxes.of(labels)
     if tuple(boxes.shape) != tuple(labels.shape):
-        raise PanoptemError(f"the label boxes were made for shape {boxes.shape}, not {tuple(labels.shape)}")
+        raise PanoptemError(
+            f"the label boxes were made for shape {boxes.shape}, not {tuple(labels.shape)}: "
+            "make them for these labels with LabelBoxes.of(labels)"
+        )
     return boxes
 
 
@@ -352,8 +362,7 @@ def _with_fresh_boxes(fn):
         try:
             return fn(boxes), boxes
         except _StaleBoxes:
-            fresh = LabelBoxes.of(labels)
-            boxes.__dict__.update(fresh.__dict__)
+            boxes.refresh(labels)
             return fn(boxes), boxes
 
     return run
@@ -587,7 +596,7 @@ def morph_labels(
     pad = 0 if operation == "Fill holes" else radius
 
     def run(boxes):
-        if points is not None and len(np.atleast_2d(np.asarray(points, dtype=float))) and np.size(points):
+        if points is not None and np.size(points):
             _, ids, site_planes = _sites(labels, points, axes, boxes)
             ids = np.unique(ids)
             if ids.size == 0:
@@ -597,7 +606,10 @@ def morph_labels(
             ids = boxes.ids
             todo_planes = sorted({tuple(int(c) for c in p) for p in planes}) if axes else []
             if axes and not todo_planes:
-                raise PanoptemError("give the plane to work in")
+                raise PanoptemError(
+                    "morphing every label plane by plane needs the plane to work in: pass "
+                    "planes=[(index,)] (or points on the labels to morph)"
+                )
         parts, claimed = [], np.zeros(0, dtype=np.int64)
         for label in ids:
             box = boxes.box(label)
@@ -663,6 +675,7 @@ def _morph_one(labels, label, region, operation, radius, hole_size, axes) -> Cha
     return Change(index, np.full(index[0].size, value, dtype=labels.dtype))
 
 
+@functools.cache
 def _has_max_size() -> bool:
     import inspect
 
@@ -846,6 +859,14 @@ def count_labels(
     if plane is not None and labels.ndim > 2:
         return rows(labels[int(plane)], int(plane))
     return rows(labels, None)
+
+
+def labels_per_class(rows: list[dict]) -> dict[int, list[int]]:
+    """The distinct label ids of :func:`count_labels` rows by class id, both sorted."""
+    classes: dict[int, set[int]] = {}
+    for r in rows:
+        classes.setdefault(r["class_id"], set()).add(r["label_id"])
+    return {cid: sorted(ids) for cid, ids in sorted(classes.items())}
 
 
 def write_counts_csv(path, rows: list[dict], class_names: dict[int, str] | None = None) -> Path:

@@ -85,7 +85,7 @@ def _editable(layer) -> None:
     _common.require(not layer.multiscale, f"'{layer.name}' is multiscale; edit its full-resolution labels.")
     data = layer.data
     _common.require(
-        isinstance(data, np.ndarray) or hasattr(data, "vindex") or type(data).__module__.startswith("zarr"),
+        isinstance(data, np.ndarray) or type(data).__module__.split(".")[0] == "zarr",
         f"'{layer.name}' cannot be edited ({type(data).__name__}): load it as a numpy array or a zarr "
         "array (panoptem's 3D output opens as zarr).",
     )
@@ -425,11 +425,12 @@ class FilterLabels(FunctionGui):
             _common.require(labels_layer is not None, "Choose the labels layer to filter.")
             _common.require(labels_layer.ndim in (2, 3), f"'{labels_layer.name}' is {labels_layer.ndim}D; "
                             "Filter Labels takes 2D images and 3D stacks.")
-            plane = int(current_position(viewer, labels_layer)[_common.layer_axes(viewer, labels_layer)[0][0]]) \
-                if labels_layer.ndim == 3 else 0
-            if apply_to == "Current image" and labels_layer.ndim == 3:
-                _common.require(_common.layer_axes(viewer, labels_layer)[0][0] == 0,
-                                "'Current image' filters an xy plane: switch the view back to xy.")
+            plane = 0
+            if labels_layer.ndim == 3:  # the xy plane shown (filtering takes planes along axis 0)
+                if apply_to == "Current image":
+                    _common.require(_common.layer_axes(viewer, labels_layer)[0][0] == 0,
+                                    "'Current image' filters an xy plane: switch the view back to xy.")
+                plane = int(current_position(viewer, labels_layer)[0])
         except PanoptemError as err:
             show_error(str(err))
             return None
@@ -514,14 +515,11 @@ class CountLabels(FunctionGui):
             show_error(str(err))
             return None
         self.last_rows = rows
-        classes: dict[int, list[int]] = {}
-        for r in rows:
-            classes.setdefault(r["class_id"], []).append(r["label_id"])
         lines = []
-        for cid, ids in sorted(classes.items()):
+        for cid, ids in pr.labels_per_class(rows).items():
             name = names.get(cid, f"class {cid}")
-            lines.append(f"{name}: {len(set(ids))} label IDs")
-            print(f"{name} (class {cid}) label IDs: {sorted(set(ids))}")
+            lines.append(f"{name}: {len(ids)} label IDs")
+            print(f"{name} (class {cid}) label IDs: {ids}")
         summary = "; ".join(lines) if lines else "no labels"
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -206,14 +206,16 @@ def _common_training_fields(name: str) -> dict:
     )
 
 
-def _run_paths(model_name, train_dir, model_dir) -> tuple[str, str, str]:
-    """The new model's name, the train directory and the model directory, all required."""
+def _run_setup(model_name, train_dir, model_dir) -> tuple[str, str, str, str]:
+    """The new model's name, the train and model directories (all required), and the device
+    to train on (the plugin settings' model folder and device are applied first)."""
     name = str(model_name or "").strip()
     _common.require(bool(name) and " " not in name, "Type a Model name without spaces.")
     train, out = _common.folder_field(train_dir), _common.folder_field(model_dir)
     _common.require(train is not None, "Choose the Train directory.")
     _common.require(out is not None, "Choose the Model directory.")
-    return name, train, out
+    _settings.apply_model_home()
+    return name, train, out, _common.device_name(_common.default_use_gpu())
 
 
 def _refresh_model_lists(viewer) -> None:
@@ -262,10 +264,8 @@ class FinetuneModel(FunctionGui):
     def run(self, model_name: str, train_dir, eval_dir, model_dir, base_model: str,
             finetune_layer: str, iterations: int, patch_size: int, custom_config):
         try:
-            name, train, out = _run_paths(model_name, train_dir, model_dir)
             _common.require(bool(base_model), "Choose the Model to finetune.")
-            _settings.apply_model_home()
-            device = _common.device_name(_common.default_use_gpu())
+            name, train, out, device = _run_setup(model_name, train_dir, model_dir)
         except PanoptemError as err:
             show_error(str(err))
             return None
@@ -321,12 +321,10 @@ class TrainModel(FunctionGui):
             label_divisor: str, model_arch: str, use_cem: bool, finetune_layer: str,
             iterations: int, patch_size: int, custom_config, description: str):
         try:
-            name, train, out = _run_paths(model_name, train_dir, model_dir)
             divisor = str(label_divisor or "").strip()
             _common.require(divisor.isdigit(), f"Label divisor must be a whole number (e.g. "
                             f"1000); got '{label_divisor}'.")
-            _settings.apply_model_home()
-            device = _common.device_name(_common.default_use_gpu())
+            name, train, out, device = _run_setup(model_name, train_dir, model_dir)
         except PanoptemError as err:
             show_error(str(err))
             return None
