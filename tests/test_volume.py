@@ -206,3 +206,75 @@ def test_zarr_output_records_image_name_scale_and_parameters(engine3d, small_vol
                      store_info=StoreInfo("cell", (3, 2, 2), (1, 0, 0)))
     info = zarr.open_group(str(tmp_path / "b.zarr"), mode="r").attrs["panoptem"]
     assert (info["image"], info["scale"], info["translate"]) == ("cell", [3, 2, 2], [1, 0, 0])
+
+
+@pytest.mark.parametrize("ortho", [False, True])
+def test_memory_output_equals_zarr_output(engine3d, small_vol, tmp_path, ortho):
+    from panoptem.inference.zarr_store import MemoryOutput, StoreInfo
+
+    vol = small_vol[:8, :64, :80]
+    p3 = Params3D(ortho_plane=ortho, min_size=20, min_extent=2, return_stacks=True,
+                  chunk_size="3, 32, 48")
+    memory = MemoryOutput()
+    mem = engine3d.segment(vol, P2, p3, output=memory, store_info=StoreInfo("cell"))
+    disk = engine3d.segment(vol, P2, p3, zarr_path=tmp_path / "out.zarr")
+    assert mem.zarr_path is None and disk.zarr_path == str(tmp_path / "out.zarr")
+    assert sorted(mem.classes) == sorted(disk.classes) == ["mito"]
+    assert sorted(mem.stacks) == sorted(disk.stacks)
+    for got, ref in [*zip(mem.classes.values(), disk.classes.values(), strict=True),
+                     *zip(mem.stacks.values(), disk.stacks.values(), strict=True)]:
+        assert isinstance(got, np.ndarray) and got.dtype == ref.dtype == np.int32
+        np.testing.assert_array_equal(got, ref[:])
+    assert mem.classes["mito"].any()
+    # the output recorded what a zarr group records
+    attrs = zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["panoptem"]
+    assert memory.info == StoreInfo("cell")
+    assert memory.run["params3d"] == attrs["params3d"] and memory.run["model"] == attrs["model"]
+    # the default output is in memory too
+    default = engine3d.segment(vol, P2, p3)
+    np.testing.assert_array_equal(default.classes["mito"], mem.classes["mito"])
+
+
+def test_zarr_output_object_equals_zarr_path(engine3d, small_vol, tmp_path):
+    from panoptem.inference.zarr_store import ZarrOutput
+
+    p3 = Params3D(min_size=30, chunk_size="4, 32, 64")
+    by_path = engine3d.segment(small_vol, P2, p3, zarr_path=tmp_path / "a.zarr")
+    by_output = engine3d.segment(small_vol, P2, Params3D(min_size=30),
+                                 output=ZarrOutput(tmp_path / "b.zarr", "4, 32, 64"))
+    assert by_output.zarr_path == str(tmp_path / "b.zarr")
+    assert by_output.classes["mito"].chunks == by_path.classes["mito"].chunks == (4, 32, 64)
+    np.testing.assert_array_equal(by_output.classes["mito"][:], by_path.classes["mito"][:])
+    group = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")
+    assert sorted(p.name for p in (tmp_path / "b.zarr").iterdir() if p.is_dir()) == ["mito"]
+    assert group.attrs["panoptem"]["image"] == "b"
+
+
+def test_zarr_path_and_output_together_are_refused(engine3d, small_vol, tmp_path):
+    from panoptem.inference.zarr_store import MemoryOutput
+
+    with pytest.raises(PanoptemError, match="either zarr_path or output"):
+        engine3d.segment(small_vol, P2, zarr_path=tmp_path / "out.zarr", output=MemoryOutput())
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_memory_output_arrays_and_commit():
+    from panoptem.inference.zarr_store import MemoryOutput
+
+    out = MemoryOutput(slab=4)
+    assert out.path is None and out.chunks_for((10, 20, 30)) == (4, 20, 30)
+    assert MemoryOutput().chunks_for((10, 20, 30)) == (10, 20, 30)
+    arr = out.create("mito", (10, 20, 30), "int32", chunks=(1, 20, 30))
+    tmp = out.create(".view", (10, 20, 30), np.uint8)
+    assert arr.dtype == np.int32 and tmp.dtype == np.uint8 and not arr.any()
+    arr[2] = 5
+    assert out.commit("mito") is arr
+    for name in ("mito", ".view"):  # committed once; temporary arrays are never committed
+        with pytest.raises(KeyError, match="No array"):
+            out.commit(name)
+    out.create("er", (2, 2, 2), np.uint8)
+    out.cleanup()
+    with pytest.raises(KeyError):
+        out.commit("er")
+    with pytest.raises(PanoptemError, match="slab"):
+        MemoryOutput(slab=0)

@@ -5,13 +5,14 @@ slices along one axis (:mod:`.stack`), drops objects smaller than ``min_size`` v
 thinner than ``min_extent`` along any axis, renumbers each thing class 1..N (in the order
 the backward matching pass met them, as the original) and writes one array per class.
 Ortho-plane mode runs the three stacks, then the consensus of :mod:`.consensus` per class,
-then the same filters. Results go to numpy arrays or, chunk by chunk, to a zarr store.
+then the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy arrays
+(:class:`~.zarr_store.MemoryOutput`) or, chunk by chunk, a zarr store
+(:class:`~.zarr_store.ZarrOutput`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +21,13 @@ from panoptem.errors import PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.inference.postprocess import fill_holes as fill_holes_2d
-from panoptem.inference.zarr_store import StoreInfo, ZarrOutput, parse_chunks
+from panoptem.inference.zarr_store import (
+    MemoryOutput,
+    StoreInfo,
+    VolumeOutput,
+    ZarrOutput,
+    parse_chunks,
+)
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["Params3D", "Engine3D", "Result3D", "check_volume", "MEDIAN_SIZES",
@@ -95,14 +102,6 @@ class Params3D:
             )
         parse_chunks(self.chunk_size)
         return replace(self, max_objects=int(self.max_objects))
-
-
-def _image_name(store: Path, model: str) -> str:
-    """``<image>`` of a store named ``<image>_<model>.zarr`` (the widget's naming)."""
-    stem = store.name[: -len(".zarr")] if store.name.lower().endswith(".zarr") else store.name
-    if model and stem.endswith(f"_{model}") and len(stem) > len(model) + 1:
-        return stem[: -len(model) - 1]
-    return stem
 
 
 def check_volume(volume):
@@ -197,7 +196,8 @@ class Engine3D:
 
     def segment(self, volume, params2d: Params2D | None = None, params3d: Params3D | None = None,
                 *, zarr_path=None, store_info: StoreInfo | None = None,
-                progress: Progress | None = None, outputs_for=None) -> Result3D:
+                progress: Progress | None = None, outputs_for=None,
+                output: VolumeOutput | None = None, value_range=None) -> Result3D:
         """Segment a (Z, Y, X) volume (numpy, zarr or dask; read slice by slice).
 
         Parameters
@@ -207,126 +207,140 @@ class Engine3D:
         params3d : stack / ortho-plane / zarr parameters.
         zarr_path : str or Path, optional
             Write every result array into this zarr group instead of memory (arrays of an
-            earlier run with the same names are replaced once the new ones are complete).
+            earlier run with the same names are replaced once the new ones are complete);
+            short for ``output=ZarrOutput(zarr_path, params3d.chunk_size)``.
         store_info : StoreInfo, optional
-            Image name, scale and translate recorded in the zarr group for napari, with
-            the model and parameters; default: the store's name without
-            ``_<model>.zarr``, unit scale, zero translate.
+            Image name, scale and translate recorded in the output (the zarr group, for
+            napari), with the model and parameters; default: the output's
+            :meth:`~.zarr_store.VolumeOutput.default_info` (for a zarr group the store's
+            name without ``_<model>.zarr``, unit scale, zero translate).
         outputs_for : callable(axis) -> iterator of (probs, ctr, off), optional
             Model outputs computed elsewhere (multi-process inference).
+        output : VolumeOutput, optional
+            Where the arrays go, and in which blocks they are written (its
+            :meth:`~.zarr_store.VolumeOutput.chunks_for`); not with ``zarr_path``. Default:
+            a :class:`~.zarr_store.ZarrOutput` at ``zarr_path`` if given, else a
+            :class:`~.zarr_store.MemoryOutput`.
+        value_range : (low, high), optional
+            The intensities mapped to 0..255 for a non-uint8 volume; default: the volume's own
+            range. A block of a larger volume gets the whole volume's range.
 
         Returns
         -------
         Result3D: ``classes`` maps class names to int32 instance volumes (ids 1..N) for thing
-        classes and uint8 masks for stuff classes; ``stacks`` the panoptic stacks when asked.
+        classes and uint8 masks for stuff classes; ``stacks`` the panoptic stacks when asked;
+        ``zarr_path`` the output's path when it has one.
         """
+        if output is not None and zarr_path is not None:
+            raise PanoptemError(
+                "Give either zarr_path or output, not both: zarr_path is short for "
+                "output=ZarrOutput(zarr_path, chunk_size)."
+            )
         p3 = (params3d or Params3D()).validated()
         p2 = replace(params2d or Params2D(), max_objects=p3.max_objects, tile_size=0,
                      fill_holes=False).validated()
         volume = check_volume(volume)
         shape = tuple(volume.shape)
         prog = ensure_progress(progress)
-        zout = ZarrOutput(zarr_path, p3.chunk_size) if zarr_path is not None else None
-        chunks = parse_chunks(p3.chunk_size, shape) if zout else (min(64, shape[0]), *shape[1:])
-        result = Result3D(zarr_path=None if zout is None else str(zout.path))
+        if output is not None:
+            out = output
+        elif zarr_path is not None:
+            out = ZarrOutput(zarr_path, p3.chunk_size)
+        else:
+            out = MemoryOutput()
+        chunks = out.chunks_for(shape)
+        result = Result3D(zarr_path=None if out.path is None else str(out.path))
         things = [] if p2.semantic_only else self.engine2d.thing_list
         try:
-            vr = st.volume_intensity_range(volume)
+            vr = value_range if value_range is not None else st.volume_intensity_range(volume)
             axes = ["xy", "xz", "yz"] if p3.ortho_plane else [p3.plane]
             stacks = {}
             for ax in axes:
                 a = st.AXES[ax]
                 sshape = (shape[a], *st.slice_shape(shape, a))
-                store = (zout.create(f".stack_{ax}", sshape, "int32", (1, *parse_chunks(p3.chunk_size, sshape)[1:]))
-                         if zout else np.zeros(sshape, np.int32))
+                store = out.create(f".stack_{ax}", sshape, np.int32, (1, *out.chunks_for(sshape)[1:]))
                 stacks[ax] = st.segment_stack(
                     self.engine2d, volume, p2, axis=ax, median_size=p3.median_size, value_range=vr,
                     store=store, outputs=outputs_for(ax) if outputs_for else None, progress=prog)
             if p3.return_stacks:
-                for ax, res in stacks.items():
-                    result.stacks[ax] = self._write_stack(res, things, p3, zout, chunks, shape, prog)
+                for res in stacks.values():
+                    self._write_stack(res, things, p3, out, chunks, shape, prog)
             for c in self.labels:
                 name = self.class_names.get(c, str(c))
                 if c in things:
-                    arr = (self._consensus_thing(stacks, c, p3, zout, chunks, shape, prog) if p3.ortho_plane
-                           else self._stack_thing(stacks[axes[0]], c, p3, zout, chunks, shape, prog))
-                    arr = self._morphology(arr, p3, zout)
+                    arr = (self._consensus_thing(stacks, c, p3, out, chunks, shape, prog) if p3.ortho_plane
+                           else self._stack_thing(stacks[axes[0]], c, p3, out, chunks, shape, prog))
+                    self._morphology(arr, p3)
                 else:
-                    arr = self._stuff(stacks, c, p3, zout, chunks, shape, prog)
-                result.classes[name] = zout.commit(name) if zout else arr
-            if zout:
-                result.stacks = {ax: zout.commit(f"panoptic_{ax}") for ax in result.stacks}
-                info = store_info or StoreInfo(_image_name(zout.path, self.engine2d.model_name))
-                zout.write_info(info, model=self.engine2d.model_name, params2d=asdict(p2),
-                                params3d=asdict(p3))
+                    self._stuff(stacks, c, p3, out, chunks, shape, prog)
+                result.classes[name] = out.commit(name)
+            if p3.return_stacks:
+                result.stacks = {ax: out.commit(f"panoptic_{ax}") for ax in stacks}
+            out.write_info(store_info or out.default_info(self.engine2d.model_name),
+                           model=self.engine2d.model_name, params2d=asdict(p2), params3d=asdict(p3))
         finally:
-            if zout:
-                zout.cleanup()
+            out.cleanup()
         return result
 
     # ------------------------------------------------------------------ pieces
-    def _new(self, zout, name, shape, dtype, chunks):
-        return zout.create(name, shape, dtype) if zout else np.zeros(shape, dtype)
-
-    def _write_stack(self, res: st.StackResult, things, p3, zout, chunks, shape, prog):
+    def _write_stack(self, res: st.StackResult, things, p3, out, chunks, shape, prog):
         keep = {i: i for c in things for i in res.kept_ids(c, p3.min_size, p3.min_extent)}
         keep.update({i: i for i in res.stats if i % res.label_divisor == 0})
         if p3.max_objects == 0:  # no class offset: the stack's objects numbered 1..N
             keep = {i: k for k, i in enumerate(sorted(keep), 1)}
-        out = self._new(zout, f"panoptic_{res.axis}", shape, np.int32, chunks)
-        _write_remapped(res.store, st.AXES[res.axis], keep, out, np.int32, chunks, prog)
-        return out
+        arr = out.create(f"panoptic_{res.axis}", shape, np.int32)
+        _write_remapped(res.store, st.AXES[res.axis], keep, arr, np.int32, chunks, prog)
+        return arr
 
-    def _stack_thing(self, res: st.StackResult, c, p3, zout, chunks, shape, prog):
+    def _stack_thing(self, res: st.StackResult, c, p3, out, chunks, shape, prog):
         ids = res.kept_ids(c, p3.min_size, p3.min_extent)
-        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.int32, chunks)
-        _write_remapped(res.store, st.AXES[res.axis], {i: k for k, i in enumerate(ids, 1)}, out,
+        arr = out.create(self.class_names.get(c, str(c)), shape, np.int32)
+        _write_remapped(res.store, st.AXES[res.axis], {i: k for k, i in enumerate(ids, 1)}, arr,
                         np.int32, chunks, prog)
-        return out
+        return arr
 
-    def _consensus_thing(self, stacks, c, p3, zout, chunks, shape, prog):
+    def _consensus_thing(self, stacks, c, p3, out, chunks, shape, prog):
         from panoptem.inference.consensus import ortho_plane_consensus
 
         views = []
         for ax, res in stacks.items():
             ids = res.kept_ids(c, p3.min_size, p3.min_extent)
-            v = zout.create(f".view_{ax}_{c}", shape, "int32") if zout else np.zeros(shape, np.int32)
+            v = out.create(f".view_{ax}_{c}", shape, np.int32)
             _write_remapped(res.store, st.AXES[ax], {i: k for k, i in enumerate(ids, 1)}, v,
                             np.int32, chunks, prog)
             views.append(v)
-        out = self._new(zout, self.class_names.get(c, str(c)), shape, np.int32, chunks)
+        arr = out.create(self.class_names.get(c, str(c)), shape, np.int32)
         ortho_plane_consensus(views, vote_thr=p3.vote_thr, permit_one_stack=p3.permit_one_stack,
-                              out=out, chunk_depth=chunks[0], progress=prog)
-        filter_objects(out, p3.min_size, p3.min_extent, chunks[0])
-        return out
+                              out=arr, chunk_depth=chunks[0], progress=prog)
+        filter_objects(arr, p3.min_size, p3.min_extent, chunks[0])
+        return arr
 
-    def _stuff(self, stacks, c, p3, zout, chunks, shape, prog):
+    def _stuff(self, stacks, c, p3, out, chunks, shape, prog):
         """A stuff class: its mask from one stack, or the voxel vote of three."""
         name = self.class_names.get(c, str(c))
         keep = {c * next(iter(stacks.values())).label_divisor: 1}
         if len(stacks) == 1:
             ((ax, res),) = stacks.items()
-            out = self._new(zout, name, shape, np.uint8, chunks)
-            _write_remapped(res.store, st.AXES[ax], keep, out, np.uint8, chunks, prog)
-            return out
+            arr = out.create(name, shape, np.uint8)
+            _write_remapped(res.store, st.AXES[ax], keep, arr, np.uint8, chunks, prog)
+            return arr
         from panoptem.inference.consensus import semantic_consensus
 
         masks = []
         for ax, res in stacks.items():
-            m = zout.create(f".stuff_{ax}_{c}", shape, "uint8") if zout else np.zeros(shape, np.uint8)
+            m = out.create(f".stuff_{ax}_{c}", shape, np.uint8)
             _write_remapped(res.store, st.AXES[ax], keep, m, np.uint8, chunks, prog)
             masks.append(m)
-        out = self._new(zout, name, shape, np.uint8, chunks)
-        semantic_consensus(masks, vote_thr=p3.vote_thr, out=out, chunk_depth=chunks[0], progress=prog)
-        return out
-
-    def _morphology(self, arr, p3: Params3D, zout):
-        """Optional erosion, dilation and hole filling (whole class volume in memory)."""
-        if not (p3.erode or p3.dilate or p3.fill_holes):
-            return arr
-        vol = morphology(np.asarray(arr[:]), p3.erode, p3.dilate, p3.fill_holes)
-        arr[:] = vol
+        arr = out.create(name, shape, np.uint8)
+        semantic_consensus(masks, vote_thr=p3.vote_thr, out=arr, chunk_depth=chunks[0], progress=prog)
         return arr
+
+    def _morphology(self, arr, p3: Params3D) -> None:
+        """Optional erosion, dilation and hole filling, in place (whole class volume in
+        memory)."""
+        if not (p3.erode or p3.dilate or p3.fill_holes):
+            return
+        arr[:] = morphology(np.asarray(arr[:]), p3.erode, p3.dilate, p3.fill_holes)
 
 
 def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: bool = False) -> np.ndarray:

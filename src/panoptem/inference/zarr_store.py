@@ -1,11 +1,17 @@
-"""Zarr output of 3D inference, laid out as the original's (reference §6.5).
+"""Outputs of 3D inference: numpy arrays in memory or a zarr group laid out as the
+original's (reference §6.5).
 
-One zarr group per run with one array per class (named by the class name) and, when
-asked, the panoptic stacks ``panoptic_xy``, ``panoptic_xz``, ``panoptic_yz``. Chunks are
-``(c, c, c)`` from one integer or ``(z, y, x)`` from three. Every array is written under
-``<name>.partial`` and renamed to ``<name>`` only once complete, so a cancelled or failed
-run never leaves an array that looks complete; temporary arrays start with a dot and are
-removed at the end.
+:class:`VolumeOutput` is what :meth:`~panoptem.inference.volume.Engine3D.segment` writes
+to: it creates the result and temporary arrays, commits the finished ones, records the
+run's information and removes what is left over, and decides how arrays are cut into
+blocks. :class:`MemoryOutput` keeps numpy arrays; :class:`ZarrOutput` writes a zarr group.
+
+A zarr output is one zarr group per run with one array per class (named by the class
+name) and, when asked, the panoptic stacks ``panoptic_xy``, ``panoptic_xz``,
+``panoptic_yz``. Chunks are ``(c, c, c)`` from one integer or ``(z, y, x)`` from three.
+Every array is written under ``<name>.partial`` and renamed to ``<name>`` only once
+complete, so a cancelled or failed run never leaves an array that looks complete;
+temporary arrays start with a dot and are removed at the end.
 
 When a run completes, the group's ``panoptem`` attribute (:data:`INFO_ATTR`) records what
 napari needs to show the store as the 3D widget shows its results (image name, scale,
@@ -17,12 +23,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from panoptem.errors import PanoptemError
 
-__all__ = ["parse_chunks", "ZarrOutput", "StoreInfo", "INFO_ATTR"]
+__all__ = ["parse_chunks", "VolumeOutput", "MemoryOutput", "ZarrOutput", "StoreInfo",
+           "INFO_ATTR"]
 
 #: Group attribute holding the :class:`StoreInfo` and the run's parameters.
 INFO_ATTR = "panoptem"
@@ -72,8 +82,133 @@ def parse_chunks(text, shape=None) -> tuple[int, int, int]:
     return chunks
 
 
-class ZarrOutput:
-    """A zarr group on disk that receives the arrays of one 3D run."""
+def _image_name(store, model: str) -> str:
+    """``<image>`` of a store named ``<image>_<model>.zarr`` (the widget's naming)."""
+    store = Path(store)
+    stem = store.name[: -len(".zarr")] if store.name.lower().endswith(".zarr") else store.name
+    if model and stem.endswith(f"_{model}") and len(stem) > len(model) + 1:
+        return stem[: -len(model) - 1]
+    return stem
+
+
+class VolumeOutput(ABC):
+    """Where the arrays of one 3D run go.
+
+    A run creates every array with :meth:`create`, fills it, and hands the finished ones
+    over with :meth:`commit`; names starting with a dot are temporary and never
+    committed. When the run completes it records its information with
+    :meth:`write_info`; :meth:`cleanup` runs at the end whether it completed, failed or
+    was cancelled.
+
+    Attributes
+    ----------
+    path : Path or None
+        Where the output lives on disk; None for outputs kept in memory.
+    """
+
+    path: Path | None = None
+
+    @abstractmethod
+    def chunks_for(self, shape) -> tuple[int, int, int]:
+        """The (z, y, x) blocks in which an array of ``shape`` is created and processed."""
+
+    @abstractmethod
+    def create(self, name: str, shape, dtype, chunks=None):
+        """A new zero-filled array ``name`` of ``shape`` and ``dtype``.
+
+        Parameters
+        ----------
+        name : str
+            The array's name; a name starting with '.' is temporary.
+        shape : (z, y, x) ints
+        dtype : numpy dtype or its name
+        chunks : (z, y, x) ints, optional
+            Storage chunks; default :meth:`chunks_for` of ``shape``.
+        """
+
+    @abstractmethod
+    def commit(self, name: str):
+        """The finished array ``name`` (created by :meth:`create`), as the result keeps it."""
+
+    def default_info(self, model: str) -> StoreInfo:
+        """The :class:`StoreInfo` recorded when a run gives none (``model``: the model's
+        name); a placeholder image name, as an output in memory has nothing to name it by."""
+        return StoreInfo("image")
+
+    @abstractmethod
+    def write_info(self, info: StoreInfo, **run) -> None:
+        """Record ``info`` and the run's model and parameters (``run``) once it completes."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Drop temporary and uncommitted arrays (after success, failure or cancel)."""
+
+
+class MemoryOutput(VolumeOutput):
+    """Numpy arrays in memory.
+
+    Parameters
+    ----------
+    slab : int
+        Depth (along z) of the slabs in which arrays are processed; the blocks span whole
+        slices.
+
+    Attributes
+    ----------
+    info : StoreInfo or None
+        What :meth:`write_info` recorded, None before.
+    run : dict
+        The run's model and parameters recorded by :meth:`write_info`.
+    """
+
+    def __init__(self, slab: int = 64) -> None:
+        if int(slab) != slab or slab < 1:
+            raise PanoptemError(f"The slab depth must be a whole number >= 1; got {slab}.")
+        self.slab = int(slab)
+        self.info: StoreInfo | None = None
+        self.run: dict = {}
+        self._pending: dict = {}
+
+    def chunks_for(self, shape) -> tuple[int, int, int]:
+        """``(min(slab, z), y, x)``."""
+        return (min(self.slab, int(shape[0])), *(int(s) for s in shape[1:]))
+
+    def create(self, name: str, shape, dtype, chunks=None) -> np.ndarray:
+        """A new zero-filled numpy array; ``chunks`` does not apply. Arrays not temporary
+        are held until :meth:`commit`."""
+        arr = np.zeros(tuple(shape), dtype)
+        if not name.startswith("."):
+            self._pending[name] = arr
+        return arr
+
+    def commit(self, name: str) -> np.ndarray:
+        """The array created as ``name`` (no longer held here)."""
+        try:
+            return self._pending.pop(name)
+        except KeyError:
+            raise KeyError(f"No array {name!r} to commit: it was not created, is temporary or "
+                           "was committed already.") from None
+
+    def write_info(self, info: StoreInfo, **run) -> None:
+        """Keep ``info`` and ``run`` in :attr:`info` and :attr:`run`."""
+        self.info = info
+        self.run = dict(run)
+
+    def cleanup(self) -> None:
+        """Drop arrays created but not committed."""
+        self._pending.clear()
+
+
+class ZarrOutput(VolumeOutput):
+    """A zarr group on disk that receives the arrays of one 3D run.
+
+    Parameters
+    ----------
+    path : str or Path
+        The zarr group (created when missing).
+    chunks : int, str or (z, y, x) ints
+        Chunk size as :func:`parse_chunks` reads it (clipped to each array's shape).
+    """
 
     def __init__(self, path, chunks=256) -> None:
         import zarr
@@ -92,13 +227,17 @@ class ZarrOutput:
                 "write to."
             ) from None
 
+    def chunks_for(self, shape) -> tuple[int, int, int]:
+        """The store's chunks (``chunks`` clipped to ``shape``)."""
+        return parse_chunks(self.chunks, shape)
+
     def create(self, name: str, shape, dtype, chunks=None):
         """A new array ``name.partial`` (``name`` starting with '.' is temporary)."""
         full = name if name.startswith(".") else name + ".partial"
         self.discard(full)
         return self.group.create_array(
             full, shape=tuple(shape), dtype=dtype, fill_value=0,
-            chunks=tuple(chunks) if chunks is not None else parse_chunks(self.chunks, shape),
+            chunks=tuple(chunks) if chunks is not None else self.chunks_for(shape),
         )
 
     def commit(self, name: str):
@@ -112,11 +251,17 @@ class ZarrOutput:
         os.replace(self.path / (name + ".partial"), final)
         return zarr.open_array(str(final), mode="r+" if os.access(final, os.W_OK) else "r")
 
+    def default_info(self, model: str) -> StoreInfo:
+        """The store's name without ``_<model>.zarr`` as image name, unit scale, zero
+        translate."""
+        return StoreInfo(_image_name(self.path, model))
+
     def write_info(self, info: StoreInfo, **run) -> None:
         """Record ``info`` and the run's model and parameters (``run``) in the group."""
         self.group.attrs[INFO_ATTR] = {**info.as_attrs(), **run}
 
     def discard(self, name: str) -> None:
+        """Remove the array ``name`` (the name on disk) if present."""
         target = self.path / name
         if target.exists():
             shutil.rmtree(target)
