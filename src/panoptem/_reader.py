@@ -10,8 +10,15 @@ array, lazily read from disk, named as the 3D widget names them:
 The image name comes from the group's ``panoptem`` attribute (written by the 3D engine at
 the end of every run, from the widget, the CLI or a script, with the image's scale and
 translate); without it (the original's stores) it is the store name without a trailing
-``_<registered model name>``. Stores that look like anything else
-(OME-Zarr, nested groups, non-integer or non-3D arrays) are left to other readers.
+``_<registered model name>``.
+
+Labels stores in OME-Zarr form (:mod:`panoptem.ngff`: a root without an image, whose
+``labels`` group lists label images with ``multiscales`` and ``image-label`` metadata) give
+one Labels layer per complete label image, ``<image>-<label>-prediction``, with all its
+resolution levels (multiscale, lazily read), placed by level 0's scale and translation.
+
+Stores that look like anything else (OME-Zarr images, with or without labels, other nested
+groups, non-integer or non-3D arrays) are left to other readers.
 
 No napari import here: the reader returns layer-data tuples.
 """
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["get_reader", "read_zarr_output"]
+__all__ = ["get_reader", "read_zarr_output", "read_ngff_labels"]
 
 _STACK_PREFIX = "panoptic_"
 
@@ -56,10 +63,14 @@ def _result_arrays(group) -> dict | None:
     return arrays
 
 
+def _store_stem(path: Path) -> str:
+    return path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+
+
 def _image_name(path: Path, info: dict) -> str:
     if info.get("image"):
         return str(info["image"])
-    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    stem = _store_stem(path)
     try:
         from panoptem import registry
 
@@ -109,8 +120,54 @@ def read_zarr_output(path) -> list[tuple]:
     return layers
 
 
+def _ngff_label_images(group) -> list[str]:
+    """Names of the complete label images of a panoptem OME-Zarr labels store; empty for
+    any other group (an OME-Zarr image root, even with labels, is left to other readers)."""
+    if group is None or "multiscales" in group.attrs or "ome" in group.attrs:
+        return []
+    from panoptem import ngff
+
+    return ngff.label_image_names(group)
+
+
+def read_ngff_labels(path) -> list[tuple]:
+    """One ``(levels, kwargs, "labels")`` tuple per label image of an OME-Zarr labels store.
+
+    ``levels`` is the list of the image's resolution levels (zarr arrays read lazily), or
+    the array itself when there is only one; ``kwargs`` holds the layer name
+    ``<image>-<label>-prediction`` (``<image>`` from the root's ``panoptem`` attribute, else
+    the store name without ``.zarr``), level 0's scale and translate, ``multiscale`` and
+    ``metadata`` (``source_zarr``, ``label_image`` and the root's ``panoptem`` attribute
+    under ``panoptem``). The last layer is the visible one. Arrays are opened writable
+    where the folder allows it.
+    """
+    from panoptem import ngff
+    from panoptem.errors import PanoptemError
+
+    path = Path(path)
+    group = _open_group(path, writable=os.access(path, os.W_OK))
+    names = _ngff_label_images(group)
+    if not names:
+        raise PanoptemError(f"{path} is not an OME-Zarr labels store with finished label "
+                            "images.")
+    info = group.attrs.get("panoptem")
+    info = dict(info) if isinstance(info, dict) else {}
+    image = str(info["image"]) if info.get("image") else _store_stem(path)
+    labels = group["labels"]
+    layers = []
+    for i, name in enumerate(names):
+        levels, scale, translate = ngff.open_levels(labels[name])
+        kwargs = {"name": f"{image}-{name}-prediction", "visible": i == len(names) - 1,
+                  "multiscale": len(levels) > 1, "scale": scale, "translate": translate,
+                  "metadata": {"source_zarr": str(path), "label_image": name,
+                               "panoptem": info}}
+        layers.append((levels if len(levels) > 1 else levels[0], kwargs, "labels"))
+    return layers
+
+
 def get_reader(path):
-    """npe2 reader hook: a reader for a 3D inference zarr store, else None."""
+    """npe2 reader hook: a reader for a 3D inference zarr store (flat, or an OME-Zarr
+    labels store), else None."""
     if isinstance(path, list | tuple):
         if len(path) != 1:
             return None
@@ -118,6 +175,9 @@ def get_reader(path):
     p = Path(str(path))
     if not p.name.lower().endswith(".zarr") or not p.is_dir():
         return None
-    if _result_arrays(_open_group(p)) is None:
-        return None
-    return read_zarr_output
+    group = _open_group(p)
+    if _result_arrays(group) is not None:
+        return read_zarr_output
+    if _ngff_label_images(group):
+        return read_ngff_labels
+    return None

@@ -7,7 +7,8 @@ import pytest
 import tifffile
 import zarr
 
-from panoptem._reader import get_reader, read_zarr_output
+from panoptem import ngff
+from panoptem._reader import get_reader, read_ngff_labels, read_zarr_output
 from panoptem._writer import write_labels
 from panoptem.errors import PanoptemError
 from panoptem.inference.engine import Params2D
@@ -164,3 +165,92 @@ def test_reader_opens_an_empanada_style_zarr_v2_store(tmp_path):
     ]
     np.testing.assert_array_equal(layers[1][0][:], mito)
     assert "scale" not in layers[1][1]
+
+
+def _boxes(shape, boxes) -> np.ndarray:
+    labels = np.zeros(shape, np.int32)
+    for label, (z, y, x) in boxes.items():
+        labels[z, y, x] = label
+    return labels
+
+
+@pytest.fixture
+def ngff_store(tmp_path):
+    """An OME-Zarr labels store as a run writes it: two label images filled block by block,
+    'mito' with three resolution levels (z kept, y and x halved), 'nucleus' with one."""
+    path = tmp_path / "run_out.zarr"
+    root = ngff.create_labels_store(path, "cells")
+    root.attrs["panoptem"] = {**root.attrs["panoptem"], "model": "MitoNet_v1",
+                              "scale": [30.0, 8.0, 8.0]}
+    mito = _boxes((6, 64, 48), {5: np.s_[1:4, 4:30, 2:20], 9: np.s_[2:6, 33:61, 31:47],
+                                300: np.s_[0, 0:2, 0:2]})
+    nucleus = _boxes((6, 64, 48), {1: np.s_[:, 10:50, 8:40]})
+    for name, labels in (("mito", mito), ("nucleus", nucleus)):
+        array = ngff.create_label_image(root, name, labels.shape, np.int32, (2, 16, 16))
+        for z in range(0, 6, 2):
+            array[z:z + 2] = labels[z:z + 2]
+    ngff.finish_label_image(root, "mito", scale=(30, 8, 8), translate=(60, 0, 8), min_size=12)
+    ngff.finish_label_image(root, "nucleus", scale=(30, 8, 8), translate=(60, 0, 8),
+                            min_size=64)
+    return path, {"mito": mito, "nucleus": nucleus}
+
+
+def test_reader_gives_one_multiscale_layer_per_ngff_label_image(ngff_store):
+    path, labels = ngff_store
+    assert get_reader(str(path)) is read_ngff_labels
+    layers = read_ngff_labels(str(path))
+    assert [kw["name"] for _, kw, _ in layers] == ["cells-mito-prediction",
+                                                   "cells-nucleus-prediction"]
+    assert [kind for *_, kind in layers] == ["labels", "labels"]
+    (mito, mkw, _), (nucleus, nkw, _) = layers
+    assert mkw["multiscale"] is True and len(mito) == 3
+    assert all(isinstance(a, zarr.Array) for a in mito)  # lazy, read from disk
+    assert [a.shape for a in mito] == [(6, 64, 48), (6, 32, 24), (6, 16, 12)]
+    np.testing.assert_array_equal(mito[0][:], labels["mito"])
+    np.testing.assert_array_equal(mito[2][:], labels["mito"][:, ::4, ::4])
+    assert nkw["multiscale"] is False and isinstance(nucleus, zarr.Array)
+    assert mkw["scale"] == nkw["scale"] == (30.0, 8.0, 8.0)
+    assert mkw["translate"] == (60.0, 0.0, 8.0)
+    assert mkw["metadata"]["panoptem"] == {"image": "cells", "model": "MitoNet_v1",
+                                           "scale": [30.0, 8.0, 8.0]}
+    assert mkw["metadata"]["label_image"] == "mito"
+    assert [kw["visible"] for _, kw, _ in layers] == [False, True]
+    # without the panoptem attribute the store name names the layers
+    zarr.open_group(str(path), mode="r+").attrs.put({})
+    assert read_ngff_labels(path)[0][1]["name"] == "run_out-mito-prediction"
+
+
+def test_ngff_labels_in_napari(make_napari_viewer, ngff_store):
+    path, labels = ngff_store
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="panoptem")
+    assert [lay.name for lay in viewer.layers] == ["cells-mito-prediction",
+                                                   "cells-nucleus-prediction"]
+    assert all(type(lay).__name__ == "Labels" for lay in viewer.layers)
+    mito, nucleus = viewer.layers
+    assert mito.multiscale and not nucleus.multiscale
+    assert len(mito.data) == 3
+    np.testing.assert_array_equal(mito.scale, [30, 8, 8])
+    np.testing.assert_array_equal(nucleus.scale, [30, 8, 8])
+    np.testing.assert_array_equal(mito.translate, [60, 0, 8])
+    np.testing.assert_array_equal(np.asarray(mito.data[0]), labels["mito"])
+    np.testing.assert_array_equal(np.asarray(mito.data[1]), labels["mito"][:, ::2, ::2])
+    np.testing.assert_array_equal(np.asarray(nucleus.data), labels["nucleus"])
+    assert mito.data[0][2, 40, 40] == 9 and nucleus.data[3, 20, 20] == 1
+    # napari places the layer in world coordinates by its scale and translate
+    np.testing.assert_allclose(nucleus.world_to_data((60 + 3 * 30, 20 * 8, 8 + 20 * 8)),
+                               (3, 20, 20))
+
+
+def test_reader_leaves_ome_zarr_images_and_unfinished_labels(tmp_path, ngff_store):
+    path, _ = ngff_store
+    # an OME-Zarr image with labels: other readers show the image and its labels
+    image = zarr.open_group(str(path), mode="r+")
+    image.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "raw"}]}]
+    assert get_reader(str(path)) is None
+    # a labels store whose label image was never finished
+    root = ngff.create_labels_store(tmp_path / "stopped.zarr", "cells")
+    ngff.create_label_image(root, "mito", (2, 8, 8), np.int32, 8)
+    assert get_reader(str(tmp_path / "stopped.zarr")) is None
+    with pytest.raises(PanoptemError, match="not an OME-Zarr labels store"):
+        read_ngff_labels(tmp_path / "stopped.zarr")
