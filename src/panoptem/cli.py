@@ -58,6 +58,28 @@ def _add_3d_options(p: argparse.ArgumentParser) -> None:
                         "the layers at that scale (default 1,1,1)")
 
 
+def _add_block_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "block-wise on dask.distributed (volumes bigger than one machine; see docs/big-volumes.md)")
+    g.add_argument("--blocks", action="store_true",
+                   help="cut the volume into overlapping blocks run as dask tasks and stitch them; "
+                        "the output is OME-Zarr; a killed run started again resumes")
+    g.add_argument("--block-size", metavar="Z,Y,X", help="block size in voxels (default 64,512,512 "
+                   "for an xy stack, 192 for the other planes and ortho-plane)")
+    g.add_argument("--overlap", metavar="Z,Y,X", help="margin around each block in voxels (default "
+                   "from the model's padding factor, the median filter, erode and dilate)")
+    g.add_argument("--mask", help="foreground mask volume at any resolution (zarr, OME-Zarr, tif, "
+                   "npy): blocks without foreground are skipped")
+    g.add_argument("--workers", type=int, help="worker processes of the local cluster (default: "
+                   "one per GPU with --device cuda, else 1)")
+    g.add_argument("--threads-per-worker", type=int, default=1,
+                   help="blocks each worker runs at once (default %(default)s)")
+    g.add_argument("--memory-limit", help="memory limit per worker of the local cluster, e.g. 8GiB "
+                   "(default: dask's 'auto')")
+    g.add_argument("--scheduler", help="address of a running dask scheduler (tcp://host:8786) "
+                   "instead of a local cluster")
+
+
 def _scale(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -125,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(seg3)
     seg3.add_argument("--devices", help="several devices, comma separated (e.g. cuda:0,cuda:1 or "
                       "cpu,cpu): one process each, slices split between them")
+    seg3.add_argument("--level", type=int, default=0,
+                      help="pyramid level of an OME-Zarr input (default 0, full resolution)")
+    _add_block_options(seg3)
 
     ev = sub.add_parser("evaluate", help="compare a segmentation with ground truth (IoU, F1@0.5, PQ)")
     ev.add_argument("pred", help="predicted labels (.tif/.png/.npy)")
@@ -341,15 +366,13 @@ def _cmd_segment(args) -> int:
     return 0
 
 
-def _read_volume(path: Path):
-    """A volume for 3D inference; zarr and npy stay on disk and are read slice by slice."""
-    if path.suffix.lower() == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
-        import zarr
+def _read_volume(path: Path, level: int = 0):
+    """A volume for 3D inference; zarr (OME-Zarr at ``level``) and npy stay on disk and
+    are read slice by slice."""
+    if path.is_dir():
+        from panoptem import ngff
 
-        try:
-            return zarr.open_array(str(path), mode="r")
-        except Exception as err:
-            raise PanoptemError(f"{path} is not a zarr array ({err}); give the path of the array itself.") from None
+        return ngff.open_image(path, level)[0]
     if path.suffix.lower() == ".npy" and path.exists():
         return np.load(path, mmap_mode="r")
     from panoptem.io import read_image
@@ -370,13 +393,20 @@ def _cmd_segment3d(args) -> int:
         raise PanoptemError(f"The output must end in .zarr or .tif (got '{out}').")
     p2 = Params2D(**{n: getattr(args, n) for n in _FIELDS_2D_IN_3D})
     p3 = _params(args, Params3D)
+    if args.blocks:
+        return _segment3d_blocks(args, out, p2, p3)
+    given = [f"--{n.replace('_', '-')}" for n in ("block_size", "overlap", "mask", "workers",
+                                                   "memory_limit", "scheduler")
+             if getattr(args, n) is not None]
+    if given:
+        raise PanoptemError(f"{', '.join(given)} only apply with --blocks; add --blocks or leave them out.")
     zarr_path = out if out.suffix.lower() == ".zarr" else None
     # before any work: the output (every file of it) can be written and does not exist yet
     names = [out] if zarr_path else [out.with_name(f"{out.stem}_{n}{out.suffix}")
                                      for n in _output_names(_config(args.model), p3)]
     for target in names if len(names) > 1 else [out]:
         check_output(target, "output", overwrite=args.overwrite)
-    volume = _read_volume(Path(args.volume))
+    volume = _read_volume(Path(args.volume), args.level)
     info = StoreInfo(Path(args.volume).stem, scale=args.scale)
     t0 = time.perf_counter()
     with TextProgress(disable=args.quiet) as progress:
@@ -400,6 +430,38 @@ def _cmd_segment3d(args) -> int:
         write_labels(target, arr)
         counted = name in result.classes and arr.dtype != np.uint8
         print(f"{name}: {f'{len(np.unique(arr[arr > 0]))} objects, ' if counted else ''}-> {target}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _segment3d_blocks(args, out: Path, p2, p3) -> int:
+    from panoptem.inference.blockwise import Cluster, segment_blocks
+    from panoptem.inference.zarr_store import StoreInfo
+    from panoptem.progress import TextProgress
+
+    if args.devices:
+        raise PanoptemError("--devices and --blocks do not go together: with --blocks each worker "
+                            "takes one GPU (--device cuda, --workers N).")
+    if out.suffix.lower() != ".zarr":
+        raise PanoptemError(f"With --blocks the output is an OME-Zarr store: give a path ending in .zarr (got '{out}').")
+    if not Path(args.volume).exists():
+        raise PanoptemError(f"{args.volume} does not exist.")
+    scale = None if args.scale == (1.0, 1.0, 1.0) else args.scale
+    from panoptem.inference.blockwise import open_volume
+
+    vol_scale = open_volume(args.volume, args.level)[1]
+    info = StoreInfo(Path(args.volume).stem, scale=scale or vol_scale)
+    cluster = Cluster(workers=args.workers, threads_per_worker=args.threads_per_worker,
+                      memory_limit=args.memory_limit, scheduler=args.scheduler)
+    t0 = time.perf_counter()
+    with TextProgress(disable=args.quiet) as progress:
+        result = segment_blocks(args.model, args.volume, p2, p3, output=out,
+                                block_shape=args.block_size, overlap=args.overlap, mask=args.mask,
+                                level=args.level, cluster=cluster, device=args.device,
+                                quantized=args.quantized, store_info=info,
+                                overwrite=args.overwrite, progress=progress)
+    for name in result.classes:
+        print(f"{name}: -> {out / 'labels' / name}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -175,7 +175,10 @@ def test_fields_defaults_and_button(make_widget, registered_model):
         "<h3>Stack Parameters</h3>",
         "<h3>Ortho-plane Parameters (Optional)</h3>",
         "<h3>Zarr Storage (optional)</h3>",
+        "<h3>Block-wise (big volumes, optional)</h3>",
     ]
+    assert (w.run_blockwise.text, w.run_blockwise.value) == ("Run block-wise (dask)", False)
+    assert (w.block_size.value, w.workers.value) == ("", 1)
 
 
 def test_stack_xy_layers_equal_the_engine(make_widget, wait_job, registered_model, em_volume):
@@ -526,4 +529,48 @@ def test_an_unwritable_zarr_directory_is_refused_before_the_run(make_widget, not
     assert start(w, image_layer=image, store_dir=str(blocker / "results")) is None
     errors = [t for level, t in notifications if level == "error"]
     assert any("Cannot write to the zarr directory" in t for t in errors), errors
+    assert len(viewer.layers) == 1
+
+
+def test_block_wise_run_from_the_widget_then_reopened(make_widget, wait_job, registered_model,
+                                                      em_volume, tmp_path):
+    """'Run block-wise' runs the blocks on a local dask cluster (a worker process) into an
+    OME-Zarr store; the layers equal the library's block-wise result, and the reader reopens
+    the store as multiscale labels at the image's scale."""
+    from panoptem.inference.blockwise import Cluster, segment_blocks
+
+    vol = np.ascontiguousarray(em_volume[:12, 64:, 64:])
+    viewer, w = make_widget()
+    image = viewer.add_image(vol, name="vol", scale=SCALE, translate=TRANSLATE)
+    job = wait_job(start(w, image_layer=image, orthoplane=False, store_dir=str(tmp_path),
+                         run_blockwise=True, block_size="6, 32, 32", workers=1, **FAST),
+                   timeout=SLOW_MS)
+    assert job.error is None
+    store = tmp_path / f"vol_{registered_model}.zarr"
+    ref = segment_blocks(registered_model, vol, Params2D(), Params3D(**FAST),
+                         output=tmp_path / "ref.zarr", block_shape=(6, 32, 32),
+                         cluster=Cluster(workers=1, processes=False))
+    mito = viewer.layers["vol-mito-prediction"]
+    np.testing.assert_allclose(mito.scale, SCALE)
+    np.testing.assert_array_equal(np.asarray(mito.data), ref.classes["mito"][:])
+    assert ref.classes["mito"][:].any()
+    viewer.layers.clear()
+    viewer.open(str(store), plugin="panoptem")
+    (layer,) = viewer.layers
+    # 64 x 64 is one pyramid level: the pyramid stops below 64 voxels in y and x
+    assert layer.name == "vol-mito-prediction" and not layer.multiscale
+    np.testing.assert_allclose(layer.scale, SCALE)
+    np.testing.assert_allclose(layer.translate, TRANSLATE)
+    np.testing.assert_array_equal(np.asarray(layer.data), ref.classes["mito"][:])
+
+
+def test_block_wise_needs_a_directory_and_no_multi_gpu(make_widget, notifications, em_volume):
+    viewer, w = make_widget()
+    image = viewer.add_image(np.ascontiguousarray(em_volume[:4, :32, :32]))
+    assert start(w, image_layer=image, run_blockwise=True) is None
+    assert start(w, image_layer=image, run_blockwise=True, store_dir="/tmp",
+                 block_size="4,0") is None
+    errors = [t for level, t in notifications if level == "error"]
+    assert any("choose a Directory" in t for t in errors), errors
+    assert any("does not parse" in t for t in errors), errors
     assert len(viewer.layers) == 1

@@ -37,7 +37,7 @@ from panoptem.inference.volume import (
 )
 from panoptem.inference.zarr_store import StoreInfo
 
-__all__ = ["Inference3D", "NO_ZARR", "multi_gpu_devices", "zarr_store_path"]
+__all__ = ["Inference3D", "NO_ZARR", "multi_gpu_devices", "zarr_store_path", "block_store_path"]
 
 #: The zarr directory field's value that means "keep the results in memory" (the original's).
 NO_ZARR = "no zarr storage"
@@ -121,10 +121,30 @@ def _add_layers(viewer, image_layer, target: _Target, result) -> list:
     return added
 
 
+def block_store_path(store_dir, image_name: str, model: str) -> Path:
+    """Where a block-wise run writes: ``<store_dir>/<image>_<model>.zarr`` when that store is
+    an unfinished block-wise run (it is resumed), else the first free name as
+    :func:`zarr_store_path`. Raises PanoptemError without a directory."""
+    from panoptem.inference.blockwise import is_unfinished_run
+
+    text = str(store_dir or "").strip()
+    if text in ("", ".", NO_ZARR):
+        raise PanoptemError("A block-wise run writes an OME-Zarr store: choose a Directory under "
+                            "'Zarr Storage', or untick 'Run block-wise'.")
+    first = writable_folder(text, "zarr directory") / f"{image_name}_{model}.zarr"
+    return first if is_unfinished_run(first) else zarr_store_path(store_dir, image_name, model)
+
+
 def run_3d_inference(viewer, image_layer: Image, model: str, *, use_gpu: bool = False,
                      use_quantized: bool = False, multigpu: bool = False,
-                     params2d: Params2D, params3d: Params3D, store_dir=NO_ZARR) -> Job:
+                     params2d: Params2D, params3d: Params3D, store_dir=NO_ZARR,
+                     blocks: bool = False, block_size: str = "", workers: int = 1) -> Job:
     """Start a 3D run of ``model`` on ``image_layer``; the layers are added when it ends.
+
+    With ``blocks`` the volume runs block-wise on a local dask cluster of ``workers``
+    processes (:func:`~panoptem.inference.blockwise.segment_blocks`) into an OME-Zarr store
+    in ``store_dir``; an unfinished block-wise store of the same image and model there is
+    resumed.
 
     Raises PanoptemError (before anything starts) for a missing layer or model, a 2D image,
     bad parameters, or "Multi GPU" with fewer than two CUDA devices.
@@ -140,9 +160,16 @@ def run_3d_inference(viewer, image_layer: Image, model: str, *, use_gpu: bool = 
         raise PanoptemError(
             f"Multi GPU needs at least two CUDA GPUs; {len(devices)} found. Untick Multi GPU."
         )
-    zarr_path = zarr_store_path(store_dir, target.name, model)
+    if blocks and devices:
+        raise PanoptemError("Multi GPU and 'Run block-wise' do not go together: block-wise "
+                            "workers take one GPU each. Untick one of them.")
     info = StoreInfo(target.name, target.scale, target.translate)
     device = None if devices else _common.device_name(use_gpu)
+    if blocks:
+        return _run_blocks(viewer, image_layer, target, model, device, use_quantized, p2, p3,
+                           block_store_path(store_dir, target.name, model), info,
+                           str(block_size).strip() or None, int(workers))
+    zarr_path = zarr_store_path(store_dir, target.name, model)
 
     def work(progress):
         if devices:
@@ -164,6 +191,28 @@ def run_3d_inference(viewer, image_layer: Image, model: str, *, use_gpu: bool = 
             show_info(f"3D Inference: results saved in {zarr_path}")
 
     return start_job(work, title="3D Inference", on_done=done)
+
+
+def _run_blocks(viewer, image_layer, target: _Target, model, device, quantized, p2, p3, path,
+                info, block_size, workers) -> Job:
+    from panoptem.inference.blockwise import BlockGrid, Cluster, segment_blocks
+
+    if block_size is not None:
+        BlockGrid.make(tuple(target.volume.shape), block_size, None, p3)  # say what is wrong now
+    if p3.return_stacks:
+        raise PanoptemError("'Return xy, xz, yz stacks' is not available block-wise: untick it "
+                            "or 'Run block-wise'.")
+
+    def work(progress):
+        return segment_blocks(model, target.volume, p2, p3, output=path, block_shape=block_size,
+                              cluster=Cluster(workers=workers), device=device, quantized=quantized,
+                              store_info=info, progress=progress)
+
+    def done(result):
+        _add_layers(viewer, image_layer, target, result)
+        show_info(f"3D Inference: results saved in {path}")
+
+    return start_job(work, title="3D Inference (block-wise)", on_done=done)
 
 
 def _options() -> dict:
@@ -206,13 +255,25 @@ def _options() -> dict:
         store_dir=dict(widget_type="FileEdit", value=NO_ZARR, label="Directory", mode="d",
                        tooltip="location to store segmentations on disk"),
         chunk_size=p3("chunk_size", "LineEdit"),
+        run_blockwise=dict(widget_type="CheckBox", text="Run block-wise (dask)", value=False,
+                           tooltip="For volumes too big for memory: overlapping blocks run on a "
+                                   "local dask cluster and are stitched; results go to an "
+                                   "OME-Zarr store in the Directory, and an unfinished run of "
+                                   "the same image and model there is resumed"),
+        block_size=dict(widget_type="LineEdit", value="", label="Block size",
+                        tooltip="Block size in voxels: one number or z, y, x (empty: 64, 512, "
+                                "512 for an xy stack, 192 otherwise)"),
+        workers=dict(widget_type="SpinBox", value=1, min=1, max=64, label="Workers",
+                     tooltip="Worker processes of the local dask cluster (one GPU each with "
+                             "Use GPU)"),
     )
 
 
 #: Section headers of the original, placed above these fields.
 _SECTIONS = (("downsampling", "2D Parameters"), ("median_slices", "Stack Parameters"),
              ("label_erosion", "Ortho-plane Parameters (Optional)"),
-             ("store_dir", "Zarr Storage (optional)"))
+             ("store_dir", "Zarr Storage (optional)"),
+             ("run_blockwise", "Block-wise (big volumes, optional)"))
 
 
 class Inference3D(FunctionGui):
@@ -240,7 +301,8 @@ class Inference3D(FunctionGui):
                          median_slices, min_size, min_extent, maximum_objects_per_class,
                          inference_plane, label_erosion, label_dilation,
                          fill_holes_in_segmentation, orthoplane, return_panoptic,
-                         pixel_vote_thr, allow_one_view, store_dir, chunk_size):
+                         pixel_vote_thr, allow_one_view, store_dir, chunk_size,
+                         run_blockwise=False, block_size="", workers=1):
         try:
             p2 = Params2D(downsampling=int(downsampling), confidence_thr=float(confidence_thr),
                           center_confidence_thr=float(center_confidence_thr),
@@ -256,7 +318,8 @@ class Inference3D(FunctionGui):
                           chunk_size=str(chunk_size))
             return run_3d_inference(self._viewer, image_layer, model_config, use_gpu=use_gpu,
                                     use_quantized=use_quantized, multigpu=multigpu,
-                                    params2d=p2, params3d=p3, store_dir=store_dir)
+                                    params2d=p2, params3d=p3, store_dir=store_dir,
+                                    blocks=run_blockwise, block_size=block_size, workers=workers)
         except PanoptemError as err:
             show_error(str(err))
             return None
