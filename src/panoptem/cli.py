@@ -64,8 +64,8 @@ def _add_block_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocks", action="store_true",
                    help="cut the volume into overlapping blocks run as dask tasks and stitch them; "
                         "the output is OME-Zarr; a killed run started again resumes")
-    g.add_argument("--block-size", metavar="Z,Y,X", help="block size in voxels (default 64,512,512 "
-                   "for an xy stack, 192 for the other planes and ortho-plane)")
+    g.add_argument("--block-size", metavar="Z,Y,X", help="block size in voxels (default 32,1024,1024 "
+                   "for an xy stack, 192,384,384 for the other planes and ortho-plane)")
     g.add_argument("--overlap", metavar="Z,Y,X", help="margin around each block in voxels (default "
                    "from the model's padding factor, the median filter, erode and dilate)")
     g.add_argument("--mask", help="foreground mask volume at any resolution (zarr, OME-Zarr, tif, "

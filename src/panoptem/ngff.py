@@ -256,9 +256,23 @@ def _chunk_slices(shape, chunks):
                             in zip((z, y, x), chunks, shape, strict=True))
 
 
+def downsample_region(source, target, region, fz: int) -> None:
+    """Write ``region`` of a pyramid level ``target`` from the level above it, ``source``
+    (every second voxel in y and x, every ``fz``-th in z). Arrays or their paths."""
+    import zarr
+
+    if isinstance(source, str | Path):
+        source = zarr.open_array(str(source), mode="r")
+    if isinstance(target, str | Path):
+        target = zarr.open_array(str(target), mode="r+")
+    zs, ys, xs = region
+    target[region] = source[zs.start * fz:zs.stop * fz:fz, ys.start * 2:ys.stop * 2:2,
+                            xs.start * 2:xs.stop * 2:2]
+
+
 def finish_label_image(root, name: str, *, scale=(1.0, 1.0, 1.0), translate=(0.0, 0.0, 0.0),
                        unit: str | None = "nanometer", min_size: int = 64,
-                       progress: Progress | None = None) -> list[str]:
+                       progress: Progress | None = None, run_level=None) -> list[str]:
     """Add the lower-resolution levels of a label image and write its NGFF 0.4 metadata.
 
     Level ``k + 1`` takes every second voxel of level ``k`` in y and x, and in z only when
@@ -285,6 +299,10 @@ def finish_label_image(root, name: str, *, scale=(1.0, 1.0, 1.0), translate=(0.0
         Smallest y or x size of a lower-resolution level.
     progress : Progress, optional
         Receives one stage with one step per chunk written, and can cancel.
+    run_level : callable, optional
+        ``run_level(source_path, target_path, regions, fz, progress)`` writes one level's
+        chunks elsewhere (for instance as dask tasks, each calling
+        :func:`downsample_region`); by default they are written here, one after another.
 
     Returns
     -------
@@ -335,11 +353,15 @@ def finish_label_image(root, name: str, *, scale=(1.0, 1.0, 1.0), translate=(0.0
             str(k), shape=shp, dtype=base.dtype, chunks=chunks, fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "/"},
         )
-        for region in _chunk_slices(shp, chunks):
-            zs, ys, xs = region
-            target[region] = source[zs.start * fz:zs.stop * fz:fz, ys.start * 2:ys.stop * 2:2,
-                                    xs.start * 2:xs.stop * 2:2]
-            progress.advance()
+        regions = list(_chunk_slices(shp, chunks))
+        folder = getattr(root.store, "root", None)  # a store on disk: its levels by path
+        if run_level is not None and folder is not None:
+            base_dir = Path(str(folder)) / _LABELS / name
+            run_level(str(base_dir / str(k - 1)), str(base_dir / str(k)), regions, fz, progress)
+        else:
+            for region in regions:
+                downsample_region(source, target, region, fz)
+                progress.advance()
         source = target
     axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})}
             for n in _SPACE_NAMES]

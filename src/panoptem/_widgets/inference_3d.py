@@ -261,8 +261,8 @@ def _options() -> dict:
                                    "OME-Zarr store in the Directory, and an unfinished run of "
                                    "the same image and model there is resumed"),
         block_size=dict(widget_type="LineEdit", value="", label="Block size",
-                        tooltip="Block size in voxels: one number or z, y, x (empty: 64, 512, "
-                                "512 for an xy stack, 192 otherwise)"),
+                        tooltip="Block size in voxels: one number or z, y, x (empty: 32, 1024, "
+                                "1024 for an xy stack, 192, 384, 384 otherwise)"),
         workers=dict(widget_type="SpinBox", value=1, min=1, max=64, label="Workers",
                      tooltip="Worker processes of the local dask cluster (one GPU each with "
                              "Use GPU)"),

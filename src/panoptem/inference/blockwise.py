@@ -11,19 +11,16 @@ for all its blocks; with CUDA, worker ``k`` of a local cluster takes GPU ``k mod
 
 Stitching, per thing class:
 
-1. **Ownership.** Of the objects found in a block with its margin, the block keeps those
-   whose bounding-box centre lies in its own (margin-free) region, plus those cut by the
-   margin's outer face (an object cut there is not seen whole by anyone; its pieces are
-   joined in step 3). An object seen whole is thus kept by exactly one block: the one that
-   holds its centre, seen with context all around it.
-2. **Composition.** The output's region of each block is painted from the kept objects of
-   the block itself first, then of its neighbours whose margins reach into it, with ids made
-   globally unique by an offset per block.
-3. **Overlap graph.** Wherever the margins of two blocks overlap, objects kept by both that
-   cover each other (their shared voxels are at least half of the smaller one's voxels in
-   that overlap) are the same object and are joined (union-find), so objects that cross
-   block faces, corners included, come out whole.
-4. **Filters and ids.** Objects smaller than ``min_size`` voxels or thinner than
+1. **Own region.** Each block writes its own (margin-free) region of the output with its
+   own objects, ids made globally unique by an offset per block, so every voxel is
+   labelled by the block that saw it with the full margin of context. The block also
+   records those objects over its margins, where the neighbours compare.
+2. **Overlap graph.** In each block's region, its objects are compared with what the
+   neighbours saw there in their margins: two objects that cover each other (their shared
+   voxels are at least half of the smaller one's voxels in that region) are the same object
+   and are joined (union-find), so objects that cross block faces, corners included, come
+   out whole, as one object whose owner is the block holding its centre.
+3. **Filters and ids.** Objects smaller than ``min_size`` voxels or thinner than
    ``min_extent`` are dropped and the rest numbered 1..N (in block order), as the
    whole-volume engine does.
 
@@ -45,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -256,6 +254,7 @@ def _close(client) -> None:
 
 # --------------------------------------------------------------- on the workers
 _ENGINES: dict = {}
+_ENGINES_LOCK = threading.Lock()
 
 
 def _worker_device(device: str) -> str:
@@ -275,15 +274,18 @@ def _worker_device(device: str) -> str:
 
 
 def _engine(model, device: str, quantized: bool, threads: int | None) -> Engine3D:
-    """This worker's engine (one model load per worker and device)."""
-    key = (json.dumps(model, sort_keys=True, default=str), device, quantized)
-    eng = _ENGINES.get(key)
-    if eng is None:
-        if threads:
-            import torch
+    """This worker thread's engine. The model itself is loaded once per worker process and
+    device (the loading cache), whatever the number of threads; the engines around it,
+    which keep per-run timings, are one per thread."""
+    key = (json.dumps(model, sort_keys=True, default=str), device, quantized, threading.get_ident())
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            if threads:
+                import torch
 
-            torch.set_num_threads(threads)
-        eng = _ENGINES[key] = Engine3D(model, device=_worker_device(device), quantized=quantized)
+                torch.set_num_threads(threads)
+            eng = _ENGINES[key] = Engine3D(model, device=_worker_device(device), quantized=quantized)
     return eng
 
 
@@ -612,7 +614,7 @@ def segment_blocks(model, volume, params2d: Params2D | None = None,
             _stitch_class(client, job, name, records, prog)
         for name in (*things, *stuff):
             ngff.finish_label_image(root, name, scale=info.scale, translate=info.translate,
-                                    progress=prog)
+                                    progress=prog, run_level=_level_on(client))
         root.attrs["panoptem"] = {**info.as_attrs(), **_public(run), "complete": True,
                                   "blocks_skipped": len([r for r in records.values() if r.get("skipped")])}
         shutil.rmtree(out_path / BLOCKS_DIR, ignore_errors=True)
@@ -726,6 +728,17 @@ def _gather(client, futures, prog: Progress) -> list:
         client.cancel(futures)
         raise
     return [results[f.key] for f in futures]
+
+
+def _level_on(client):
+    """Write a pyramid level's chunks as dask tasks (the levels one after another)."""
+    from panoptem import ngff
+
+    def run(source, target, regions, fz, prog):
+        _gather(client, [client.submit(ngff.downsample_region, source, target, r, fz, pure=False)
+                         for r in regions], prog)
+
+    return run
 
 
 def _stitch_class(client, job: _Job, name: str, records: dict, prog: Progress) -> None:
