@@ -198,6 +198,8 @@ class Cluster:
         Address of a running scheduler (``tcp://host:8786``); the workers are its own.
     processes : bool
         Local workers in processes (default) or in threads of this process.
+    timeout : str
+        How long to try reaching ``scheduler`` before giving up.
     """
 
     workers: int | None = None
@@ -205,6 +207,7 @@ class Cluster:
     memory_limit: str | None = None
     scheduler: str | None = None
     processes: bool = True
+    timeout: str = "10s"
 
     def client(self, device: str = "cpu"):
         """A ``distributed.Client`` for this cluster (closing it closes a local cluster)."""
@@ -214,7 +217,7 @@ class Cluster:
 
         if self.scheduler:
             try:
-                return Client(self.scheduler, timeout="10s")
+                return Client(self.scheduler, timeout=self.timeout)
             except OSError as err:
                 raise PanoptemError(
                     f"Cannot reach the dask scheduler at {self.scheduler} ({err}); check the "
