@@ -237,6 +237,28 @@ def test_a_worker_that_dies_is_replaced(small_config, em_volume, tmp_path):
 
 
 # ------------------------------------------------------------------- input / errors
+def test_zarr_arrays_are_opened_by_the_workers(threshold_engine, small_config, tmp_path, monkeypatch):
+    """A zarr array on disk is not read here block by block but opened by each worker from
+    its folder; a numpy volume is sent a few blocks at a time and gives the same result."""
+    vol = np.zeros((16, 40, 40), np.uint8)
+    vol[3:13, 5:35, 5:12] = 200
+    arr = zarr.create_array(str(tmp_path / "v.zarr"), shape=vol.shape, dtype="uint8", chunks=(8, 20, 20))
+    arr[:] = vol
+    sent = []
+    real = blockwise._region
+    monkeypatch.setattr(blockwise, "_region", lambda v, r: sent.append(r) or real(v, r))
+    a = segment_blocks(small_config, arr, P2, Params3D(min_size=0, min_extent=0),
+                       output=tmp_path / "a.zarr", block_shape=(8, 20, 20), overlap=(2, 4, 4),
+                       cluster=THREADS).classes["mito"][:]
+    assert sent == []
+    b = segment_blocks(small_config, vol, P2, Params3D(min_size=0, min_extent=0),
+                       output=tmp_path / "b.zarr", block_shape=(8, 20, 20), overlap=(2, 4, 4),
+                       cluster=THREADS).classes["mito"][:]
+    assert len(sent) == 8
+    np.testing.assert_array_equal(a, b)
+    assert np.unique(a).tolist() == [0, 1]
+
+
 def test_inputs_read_from_paths(threshold_engine, small_config, tmp_path):
     import tifffile
 

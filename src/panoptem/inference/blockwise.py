@@ -564,6 +564,9 @@ def segment_blocks(model, volume, params2d: Params2D | None = None,
     out_path = Path(output)
     if out_path.suffix.lower() != ".zarr":
         raise PanoptemError(f"Block-wise output is an OME-Zarr store: give a path ending in .zarr (got '{out_path}').")
+    on_disk = _zarr_path(volume)
+    if on_disk is not None and level == 0:  # a zarr array on disk: workers open it themselves
+        volume = on_disk
     if isinstance(volume, str | Path):
         source = _Source(volume, level)
         vol = source.array
@@ -608,10 +611,11 @@ def segment_blocks(model, volume, params2d: Params2D | None = None,
         prog.stage("blocks", len(grid.indices()))
         if len(todo) < len(grid.indices()):
             prog.advance(len(grid.indices()) - len(todo))
-        futures = [client.submit(_segment_block, job, i, source if source is not None else _region(vol, grid.padded(i)),
-                                 pure=False)
-                   for i in todo]
-        _gather(client, futures, prog)
+        if source is not None:
+            _gather(client, [client.submit(_segment_block, job, i, source, pure=False) for i in todo], prog)
+        else:  # an in-memory or dask volume: its blocks are read and sent a few at a time
+            _stream(client, todo, lambda i: client.submit(_segment_block, job, i,
+                                                          _region(vol, grid.padded(i)), pure=False), prog)
         records = _read_records(out_path)
         for name in things:
             _stitch_class(client, job, name, records, prog)
@@ -742,6 +746,38 @@ def _level_on(client):
                          for r in regions], prog)
 
     return run
+
+
+def _stream(client, items, submit, prog: Progress) -> None:
+    """Submit ``submit(item)`` for each item, keeping twice the cluster's threads in flight
+    (so the blocks of a volume read here are not all held in memory at once)."""
+    from distributed import as_completed
+
+    window = max(2, 2 * sum(client.nthreads().values()))
+    pending = iter(items)
+    sent = [submit(i) for i in itertools.islice(pending, window)]
+    done = as_completed(sent, loop=client.loop)
+    try:
+        for fut in done:
+            fut.result()
+            prog.advance()
+            nxt = next(pending, None)
+            if nxt is not None:
+                sent.append(submit(nxt))
+                done.add(sent[-1])
+    except BaseException:
+        client.cancel(sent)
+        raise
+
+
+def _zarr_path(volume) -> Path | None:
+    """The folder of a zarr array stored on the local disk, else None."""
+    root = getattr(getattr(volume, "store", None), "root", None)
+    path = getattr(volume, "path", None)
+    if root is None or path is None or not hasattr(volume, "chunks"):
+        return None
+    folder = Path(str(root)) / str(path)
+    return folder if folder.is_dir() else None
 
 
 def _stitch_class(client, job: _Job, name: str, records: dict, prog: Progress) -> None:
