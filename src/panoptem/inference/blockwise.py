@@ -780,6 +780,18 @@ def _zarr_path(volume) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def _add_stats(table: dict, key, row) -> None:
+    """Add an object's [voxels, z0, z1, y0, y1, x0, x1] to ``table[key]`` (sum, box union)."""
+    cur = table.get(key)
+    if cur is None:
+        table[key] = list(row)
+        return
+    cur[0] += row[0]
+    for a in (1, 3, 5):
+        cur[a] = min(cur[a], row[a])
+        cur[a + 1] = max(cur[a + 1], row[a + 1])
+
+
 def _stitch_class(client, job: _Job, name: str, records: dict, prog: Progress) -> None:
     grid = job.grid
     offsets, total = {}, 0
@@ -804,14 +816,7 @@ def _stitch_class(client, job: _Job, name: str, records: dict, prog: Progress) -
         for k, v in p.items():
             pairs[k] = pairs.get(k, 0) + v
         for gid, row in t.items():
-            cur = stats.get(gid)
-            if cur is None:
-                stats[gid] = list(row)
-            else:
-                cur[0] += row[0]
-                for a in (1, 3, 5):
-                    cur[a] = min(cur[a], row[a])
-                    cur[a + 1] = max(cur[a + 1], row[a + 1])
+            _add_stats(stats, gid, row)
         per_block.append(sorted(t))
     parent = {}
 
@@ -830,15 +835,7 @@ def _stitch_class(client, job: _Job, name: str, records: dict, prog: Progress) -
                 parent[max(ra, rb)] = min(ra, rb)
     merged: dict = {}
     for gid, row in stats.items():
-        r = find(gid)
-        cur = merged.get(r)
-        if cur is None:
-            merged[r] = list(row)
-        else:
-            cur[0] += row[0]
-            for a in (1, 3, 5):
-                cur[a] = min(cur[a], row[a])
-                cur[a + 1] = max(cur[a + 1], row[a + 1])
+        _add_stats(merged, find(gid), row)
     p3 = job.p3
     kept = sorted(r for r, (n, z0, z1, y0, y1, x0, x1) in merged.items()
                   if n >= p3.min_size and min(z1 - z0, y1 - y0, x1 - x0) + 1 >= p3.min_extent)
