@@ -568,9 +568,9 @@ def segment_blocks(model, volume, params2d: Params2D | None = None,
     if on_disk is not None and level == 0:  # a zarr array on disk: workers open it themselves
         volume = on_disk
     if isinstance(volume, str | Path):
-        source = _Source(volume, level)
-        vol = source.array
-        scale, translate = open_volume(volume, level)[1:]
+        source = _Source(volume, level)  # the workers open it again for themselves
+        opened, scale, translate = open_volume(volume, level)
+        vol = check_volume(opened)
     else:
         source, vol = None, check_volume(volume)
         scale, translate = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
