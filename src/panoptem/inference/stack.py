@@ -26,6 +26,7 @@ from scipy import ndimage
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.matching import match_slice
+from panoptem.inference.pipeline import ahead
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["AXES", "read_slice", "slice_shape", "volume_intensity_range", "median_filtered",
@@ -215,20 +216,28 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     div = params.label_divisor
     things = [] if params.semantic_only else list(engine.thing_list)
 
-    def model_outputs():
+    def slices():
         for i in range(n):
-            x255 = pre.to_unit_range(pre.check_image_2d(read_slice(volume, a, i), f"slice {i}"),
-                                     value_range)
+            yield pre.to_unit_range(pre.check_image_2d(read_slice(volume, a, i), f"slice {i}"),
+                                    value_range)
+
+    def model_outputs():
+        for x255 in ahead(slices(), name=f"panoptem-read-{axis}"):
             yield engine.outputs(x255, params)
 
     prog.stage(f"stack {axis}", n)
     next_label = {c: c * div + 1 for c in things}
     target = None
-    for i, (probs, ctr, off) in enumerate(median_filtered(outputs or model_outputs(), median_size)):
-        pan = engine.panoptic(probs, ctr, off, params, (h, w))
-        target = _match_classes(target, pan, things, div, next_label, assign_new=True)
-        store[i] = target
-        prog.advance()
+    # reading, the forward passes and the post-processing below run side by side
+    source = ahead(outputs if outputs is not None else model_outputs(), name=f"panoptem-model-{axis}")
+    try:
+        for i, (probs, ctr, off) in enumerate(median_filtered(source, median_size)):
+            pan = engine.panoptic(probs, ctr, off, params, (h, w))
+            target = _match_classes(target, pan, things, div, next_label, assign_new=True)
+            store[i] = target
+            prog.advance()
+    finally:
+        source.close()  # on an error or a cancelled run: stop the threads before returning
 
     result = StackResult(axis, store, div)
     prog.stage(f"matching {axis}", n)

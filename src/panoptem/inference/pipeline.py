@@ -1,0 +1,77 @@
+"""Running the stages of 3D inference side by side.
+
+A 3D run is a chain of generators: read a slice, run the model on it, median-filter,
+post-process and match. :func:`ahead` runs one generator in a thread of its own, a few
+items ahead of the one that consumes it, so that reading the next slices, the model's
+forward pass and the post-processing of the previous slice happen at the same time (on a
+GPU the forward pass then never waits for the CPU work around it). The items come out in
+order and unchanged; only the time at which they are computed moves.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+__all__ = ["ahead"]
+
+T = TypeVar("T")
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def ahead(items: Iterable[T], depth: int = 2, name: str = "panoptem-ahead") -> Iterator[T]:
+    """Yield ``items`` in order, computed by a thread up to ``depth`` items in advance.
+
+    An exception raised while computing an item is raised here, at that item. When the
+    consumer stops early (an error, a cancelled run, ``close()``), the thread stops after
+    the item it is computing and is joined before this generator finishes.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, not {depth}")
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failure(exc))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if stop.is_set() and close is not None:
+                close()
+        put(_END)
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,141 @@
+"""3D inference stages run side by side: the forward pass of the next slice runs while the
+previous slice is post-processed, with the same result, errors raised where they belong and
+no thread left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from panoptem.errors import Cancelled
+from panoptem.inference.engine import Engine2D, Params2D
+from panoptem.inference.pipeline import ahead
+from panoptem.inference.stack import segment_stack
+from panoptem.progress import Progress
+
+
+def _ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("panoptem-")]
+
+
+def test_ahead_keeps_order_and_raises_at_the_failing_item():
+    assert list(ahead(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("slice 3 is broken")
+
+    got = []
+    with pytest.raises(ValueError, match="slice 3 is broken"):
+        for x in ahead(failing()):
+            got.append(x)
+    assert got == [0, 1, 2]
+    assert not _ahead_threads()
+
+
+def test_ahead_stops_its_thread_when_the_consumer_stops():
+    produced, finished = [], threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                produced.append(i)
+                yield i
+                i += 1
+        finally:
+            finished.set()
+
+    items = ahead(endless(), depth=2)
+    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
+    items.close()
+    assert finished.is_set()  # the source generator was closed, in the thread
+    assert not _ahead_threads()
+    assert len(produced) <= 5 + 2 + 1  # at most depth items (and the one in hand) beyond
+
+
+class Watched(Engine2D):
+    """A real engine that records whether slice i+1's forward pass started while slice i
+    was being post-processed: ``panoptic`` for slice i waits for that (never forever)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = 0  # forward passes begun
+        self.overlapped: list[bool] = []
+        self.n_slices = 0
+
+    def outputs(self, x255, p):
+        self.started += 1
+        return super().outputs(x255, p)
+
+    def panoptic(self, probs, ctr, off, p, shape):
+        i = len(self.overlapped)
+        if i + 1 < self.n_slices:
+            # sequential code would start slice i+1 only after this returns: the wait fails
+            for _ in range(200):  # 20 s at most
+                if self.started > i + 1:
+                    break
+                time.sleep(0.1)
+            self.overlapped.append(self.started > i + 1)
+        else:
+            self.overlapped.append(True)
+        return super().panoptic(probs, ctr, off, p, shape)
+
+
+@pytest.mark.parametrize("median_size", [1, 3])
+def test_forward_of_next_slice_runs_during_postprocessing(small_config, em_volume, median_size):
+    vol = np.ascontiguousarray(em_volume[:6, :64, :64])
+    params = Params2D().validated()
+    watched = Watched(small_config)
+    watched.n_slices = vol.shape[0]
+    res = segment_stack(watched, vol, params, axis="xy", median_size=median_size)
+    assert watched.overlapped == [True] * vol.shape[0]
+
+    # the same stack as slice-after-slice inference by hand
+    plain = Engine2D(small_config)
+    outs = [plain.outputs(torch_slice, params) for torch_slice in _unit_slices(vol)]
+    ref = segment_stack(plain, vol, params, axis="xy", median_size=median_size, outputs=iter(outs))
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0 and res.stats == ref.stats
+    assert not _ahead_threads()
+
+
+def _unit_slices(vol):
+    from panoptem.inference import preprocess as pre
+
+    return [pre.to_unit_range(vol[i], None) for i in range(vol.shape[0])]
+
+
+class CancelAfter(Progress):
+    """The user presses Cancel once ``n`` slices are done."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def on_advance(self, done: int, total: int) -> None:
+        if done >= self.n:
+            self.cancel()
+
+
+def test_cancel_and_model_error_leave_no_thread(small_config, em_volume):
+    vol = np.ascontiguousarray(em_volume[:8, :64, :64])
+    params = Params2D().validated()
+    engine = Engine2D(small_config)
+    with pytest.raises(Cancelled):
+        segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2))
+    assert not _ahead_threads()
+
+    class Broken(Engine2D):
+        def outputs(self, x255, p):
+            if getattr(self, "calls", 0) == 4:
+                raise RuntimeError("out of memory on slice 4")
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().outputs(x255, p)
+
+    with pytest.raises(RuntimeError, match="slice 4"):
+        segment_stack(Broken(small_config), vol, params, median_size=1)
+    assert not _ahead_threads()
