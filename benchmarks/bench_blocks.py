@@ -11,8 +11,14 @@ engine in one process (slice by slice, zarr output) for reference.
 the volume against the whole-volume result (stack and ortho-plane), as foreground IoU and
 instance F1@0.5.
 
+``context``: how much of a slice the model must see for a block to agree with the whole
+slice. Training images (never ``test/``), 2D: the whole image against the same image cut
+into 128 x 128 tiles, each segmented with ``--margins`` pixels of context around it; the
+foreground IoU of the assembled tiles against the whole image.
+
     .venv/bin/python benchmarks/bench_blocks.py scale [--quantized] [--workers 1 2]
     .venv/bin/python benchmarks/bench_blocks.py agreement
+    .venv/bin/python benchmarks/bench_blocks.py context
 """
 
 from __future__ import annotations
@@ -147,9 +153,40 @@ def agreement() -> list[dict]:
     return rows
 
 
+def context(margins=(32, 64, 128, 192, 256), core: int = 128) -> list[dict]:
+    from PIL import Image
+
+    from panoptem.inference import preprocess as pre
+    from panoptem.inference.engine import Engine2D
+
+    data = ROOT.parent / "shared" / "data"
+    files = (sorted((data / "lucchi_pp" / "train" / "Train_In").glob("*.png"))[::10][:3]
+             + sorted((data / "cdeep3m_sbem_mito" / "train" / "images").glob("*.png"))[::4][:2])
+    engine = Engine2D(MODEL, quantized=True)
+    rows = []
+    for f in files:
+        img = np.asarray(Image.open(f))
+        img = img if img.ndim == 2 else img[..., 0]
+        vr = pre.intensity_range(img)
+        whole = engine.segment(img) > 0
+        h, w = img.shape
+        row = {"image": f.name, "shape": list(img.shape)}
+        for m in margins:
+            tiled = np.zeros_like(whole)
+            for y in range(0, h, core):
+                for x in range(0, w, core):
+                    y0, x0 = max(0, y - m), max(0, x - m)
+                    seg = engine.segment(img[y0 : y + core + m, x0 : x + core + m], value_range=vr) > 0
+                    tiled[y : y + core, x : x + core] = seg[y - y0 : y - y0 + core, x - x0 : x - x0 + core]
+            row[f"margin {m}"] = round(float((tiled & whole).sum() / max(1, (tiled | whole).sum())), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="scale", choices=["scale", "agreement", "case", "whole"])
+    ap.add_argument("mode", nargs="?", default="scale", choices=["scale", "agreement", "context", "case", "whole"])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quantized", action="store_true", help="the int8 CPU model")
     ap.add_argument("--block", default="64,512,512")
@@ -158,6 +195,9 @@ def main() -> None:
     block = tuple(int(v) for v in args.block.split(","))
     if args.mode == "agreement":
         agreement()
+        return
+    if args.mode == "context":
+        context()
         return
     if args.mode == "case":
         print(json.dumps(scale_case(args.workers[0], args.quantized, block)))
