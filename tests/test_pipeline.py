@@ -66,14 +66,17 @@ class Watched(Engine2D):
         self.started = 0  # forward passes begun
         self.overlapped: list[bool] = []
         self.n_slices = 0
+        self.wait = True
+        self.threads: set[str] = set()  # where the forward passes ran
 
     def outputs(self, x255, p):
         self.started += 1
+        self.threads.add(threading.current_thread().name)
         return super().outputs(x255, p)
 
     def panoptic(self, probs, ctr, off, p, shape):
         i = len(self.overlapped)
-        if i + 1 < self.n_slices:
+        if i + 1 < self.n_slices and self.wait:
             # sequential code would start slice i+1 only after this returns: the wait fails
             for _ in range(200):  # 20 s at most
                 if self.started > i + 1:
@@ -91,8 +94,9 @@ def test_forward_of_next_slice_runs_during_postprocessing(small_config, em_volum
     params = Params2D().validated()
     watched = Watched(small_config)
     watched.n_slices = vol.shape[0]
-    res = segment_stack(watched, vol, params, axis="xy", median_size=median_size)
+    res = segment_stack(watched, vol, params, axis="xy", median_size=median_size, overlap=True)
     assert watched.overlapped == [True] * vol.shape[0]
+    assert watched.threads == {"panoptem-model-xy"}
 
     # the same stack as slice-after-slice inference by hand
     plain = Engine2D(small_config)
@@ -101,6 +105,15 @@ def test_forward_of_next_slice_runs_during_postprocessing(small_config, em_volum
     np.testing.assert_array_equal(res.store, ref.store)
     assert res.store.max() > 0 and res.stats == ref.stats
     assert not _ahead_threads()
+
+
+def test_forward_passes_stay_in_the_calling_thread_on_cpu(small_config, em_volume):
+    """On a CPU the forward pass uses every core: by default it is not overlapped."""
+    vol = np.ascontiguousarray(em_volume[:3, :64, :64])
+    watched = Watched(small_config)
+    watched.n_slices, watched.wait = vol.shape[0], False
+    segment_stack(watched, vol, Params2D().validated(), median_size=1)
+    assert watched.threads == {threading.current_thread().name}
 
 
 def _unit_slices(vol):
