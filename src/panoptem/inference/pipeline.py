@@ -2,10 +2,10 @@
 
 A 3D run is a chain of generators: read a slice, run the model on it, median-filter,
 post-process and match. :func:`ahead` runs one generator in a thread of its own, a few
-items ahead of the one that consumes it, so that reading the next slices, the model's
-forward pass and the post-processing of the previous slice happen at the same time (on a
-GPU the forward pass then never waits for the CPU work around it). The items come out in
-order and unchanged; only the time at which they are computed moves.
+items ahead of the one that consumes it: :func:`~.stack.segment_stack` reads the next
+slices this way, and on a GPU also runs the model's forward passes ahead of the
+post-processing of the previous slice, so the GPU never waits for the CPU work around it.
+The items come out in order and unchanged; only the time at which they are computed moves.
 """
 
 from __future__ import annotations

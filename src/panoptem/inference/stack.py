@@ -234,9 +234,9 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     next_label = {c: c * div + 1 for c in things}
     target = None
     if overlap is None:
-        overlap = getattr(engine, "device", None) is not None and engine.device.type != "cpu"
+        overlap = engine.device.type != "cpu"
     source = outputs if outputs is not None else model_outputs()
-    # reading, the forward passes and the post-processing below run side by side
+    # with overlap, the forward passes run ahead while the loop below post-processes
     source = ahead(source, name=f"panoptem-model-{axis}") if overlap else iter(source)
     try:
         for i, (probs, ctr, off) in enumerate(median_filtered(source, median_size)):
