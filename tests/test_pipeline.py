@@ -134,12 +134,13 @@ class CancelAfter(Progress):
             self.cancel()
 
 
-def test_cancel_and_model_error_leave_no_thread(small_config, em_volume):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     params = Params2D().validated()
     engine = Engine2D(small_config)
     with pytest.raises(Cancelled):
-        segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2))
+        segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap)
     assert not _ahead_threads()
 
     class Broken(Engine2D):
@@ -150,5 +151,5 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume):
             return super().outputs(x255, p)
 
     with pytest.raises(RuntimeError, match="slice 4"):
-        segment_stack(Broken(small_config), vol, params, median_size=1)
+        segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap)
     assert not _ahead_threads()
