@@ -611,11 +611,11 @@ def segment_blocks(model, volume, params2d: Params2D | None = None,
         prog.stage("blocks", len(grid.indices()))
         if len(todo) < len(grid.indices()):
             prog.advance(len(grid.indices()) - len(todo))
-        if source is not None:
-            _gather(client, [client.submit(_segment_block, job, i, source, pure=False) for i in todo], prog)
-        else:  # an in-memory or dask volume: its blocks are read and sent a few at a time
-            _stream(client, todo, lambda i: client.submit(_segment_block, job, i,
-                                                          _region(vol, grid.padded(i)), pure=False), prog)
+        # a path is opened by the workers; an in-memory or dask volume's blocks are read
+        # here, so blocks are submitted a few at a time either way
+        _stream(client, todo, lambda i: client.submit(
+            _segment_block, job, i, source if source is not None else _region(vol, grid.padded(i)),
+            pure=False), prog)
         records = _read_records(out_path)
         for name in things:
             _stitch_class(client, job, name, records, prog)
