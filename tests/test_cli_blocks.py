@@ -30,7 +30,7 @@ def _program(*argv) -> list[str]:
     return [sys.executable, "-m", "panoptem.cli", *map(str, argv)]
 
 
-def test_killed_run_resumes_to_the_identical_result(tmp_path, volume_npy):
+def test_killed_run_resumes_to_the_identical_result(tmp_path, volume_npy, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref = tmp_path / "ref.zarr"
     subprocess.run(_program("segment3d", volume_npy, "-o", ref, "--blocks", *ARGS), check=True,
@@ -62,6 +62,7 @@ def test_killed_run_resumes_to_the_identical_result(tmp_path, volume_npy):
     assert not (out / BLOCKS_DIR).exists()
     # a finished store is refused (before any work), and kept
     assert main(["segment3d", str(volume_npy), "-o", str(out), "--blocks", *ARGS]) == 2
+    assert "exists" in capsys.readouterr().err
     np.testing.assert_array_equal(zarr.open_array(str(out / "labels" / "mito" / "0"), mode="r")[:], a)
 
 
