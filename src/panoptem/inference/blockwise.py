@@ -363,8 +363,10 @@ def _segment_block(job: _Job, idx, data) -> dict:
             kept = _in_core(lab, core, pad)
             counts[name] = int(kept.max()) if kept.size else 0
             if counts[name]:
-                zarr.save_array(str(root / BLOCKS_DIR / name / _block_name(idx)), kept,
-                                zarr_format=2)
+                target = root / BLOCKS_DIR / name / _block_name(idx)
+                # what an attempt killed before its record was written left here is garbage
+                shutil.rmtree(target, ignore_errors=True)
+                zarr.save_array(str(target), kept, zarr_format=2)
         for name in job.stuff:
             out = zarr.open_array(str(root / "labels" / name / "0"), mode="r+")
             out[core] = np.asarray(res.classes[name])[_shift(core, origin)]
