@@ -114,17 +114,23 @@ def test_quantized_that_cannot_run_falls_back(tmp_path, tiny_pth):
             assert loading.load_model(config, quantized=True).quantized is False
 
 
-def test_quantized_engine_chosen_when_none(tmp_path, tiny_pth, monkeypatch):
-    class NoEngine:  # stands in for torch.backends.quantized on a machine with none selected
-        engine = "none"
-        supported_engines = ["qnnpack", "none"]
+@pytest.mark.parametrize(("before", "supported", "after"), [
+    ("none", ["qnnpack", "none"], "qnnpack"),  # a machine with none selected
+    # torch's default on x86: its oneDNN kernels keep a fast path only for the shape of their
+    # first call (the one-unit smoke test), so int8 files are loaded for fbgemm instead
+    ("x86", ["qnnpack", "onednn", "x86", "fbgemm", "none"], "fbgemm"),
+])
+def test_quantized_engine_selected_at_load(tmp_path, tiny_pth, monkeypatch, before, supported, after):
+    class Engines:  # stands in for torch.backends.quantized
+        engine = before
+        supported_engines = supported
 
-    monkeypatch.setattr(torch.backends, "quantized", NoEngine)
+    monkeypatch.setattr(torch.backends, "quantized", Engines)
     qfile = save_scripted(Tiny(), tmp_path / "tiny_quantized.pth")
     config = make_config(model=str(tiny_pth), model_quantized=str(qfile))
-    assert NoEngine.engine == "none"  # nothing happens before loading
+    assert Engines.engine == before  # nothing happens before loading
     assert loading.load_model(config, quantized=True).quantized is True
-    assert NoEngine.engine == "qnnpack"
+    assert Engines.engine == after
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

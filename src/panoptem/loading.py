@@ -35,7 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LoadedModel", "CachedModel", "load_model", "clear_model_cache", "cached_models",
            "resolve_config", "resolve_device", "prepare_for_inference"]
 
-_QUANT_ENGINE_PREFERENCE = ("x86", "fbgemm", "qnnpack", "onednn")
+# fbgemm first: an int8 file's convolutions are packed for the engine selected when it is
+# loaded, and the "x86" engine's oneDNN kernels keep a fast path only for the input shape of
+# their first call. After the one-unit smoke test every later call took the slow path, about
+# 2.5x slower at 256 x 256 (MitoNet_v1, 2 cores); fbgemm kernels have no such memory.
+_QUANT_ENGINE_PREFERENCE = ("fbgemm", "x86", "qnnpack", "onednn")
 _OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
 
 
@@ -190,17 +194,20 @@ def _jit_load(path: Path, device: torch.device, source: str) -> Any:
     return module
 
 
-def _ensure_quantized_engine() -> None:
-    """Pick a quantized CPU backend if torch has none selected (done at load, not import)."""
+def _select_quantized_engine() -> str:
+    """Select the quantized CPU backend int8 files are loaded with (at load, not import).
+
+    The first of ``_QUANT_ENGINE_PREFERENCE`` that this torch build supports is selected,
+    whatever was selected before, because the engine in force at load decides which kernels
+    the file's convolutions are packed for.
+    """
     import torch
 
-    if torch.backends.quantized.engine != "none":
-        return
     supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     for engine in (*_QUANT_ENGINE_PREFERENCE, *supported):
         if engine in supported:
             torch.backends.quantized.engine = engine
-            return
+            return engine
     raise PanoptemError("this torch build has no quantized CPU backend")
 
 
@@ -345,7 +352,7 @@ def load_model(
     if quantized and dev.type == "cpu" and config.get("model_quantized"):
         source = config["model_quantized"]
         try:
-            _ensure_quantized_engine()
+            _select_quantized_engine()
             module, path, _ = _load_cached(
                 source, config.get("model_quantized_hash"), dev, True, pf, progress
             )
