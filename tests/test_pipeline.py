@@ -116,6 +116,35 @@ def test_forward_passes_stay_in_the_calling_thread_on_cpu(small_config, em_volum
     assert watched.threads == {threading.current_thread().name}
 
 
+def test_slices_are_read_ahead_without_torch(small_config, em_volume, monkeypatch):
+    """Slices are read in a thread of their own, which runs no torch code: a second thread
+    running torch's CPU kernels slowed the forward passes by about 40 % on 2 cores."""
+    import torch
+
+    from panoptem.inference import stack
+
+    where: dict[str, set[str]] = {"read": set(), "tensor": set()}
+    read_slice, to_unit_range = stack.read_slice, stack.pre.to_unit_range
+
+    def reading(*args):
+        where["read"].add(threading.current_thread().name)
+        return read_slice(*args)
+
+    def converting(image, value_range):
+        assert not isinstance(image, torch.Tensor)
+        where["tensor"].add(threading.current_thread().name)
+        return to_unit_range(image, value_range)
+
+    monkeypatch.setattr(stack, "read_slice", reading)
+    monkeypatch.setattr(stack.pre, "to_unit_range", converting)
+    vol = np.ascontiguousarray(em_volume[:3, :64, :64])
+    watched = Watched(small_config)
+    watched.n_slices, watched.wait = vol.shape[0], False
+    segment_stack(watched, vol, Params2D().validated(), median_size=1)
+    assert where["read"] == {"panoptem-read-xy"}
+    assert where["tensor"] == watched.threads == {threading.current_thread().name}
+
+
 def _unit_slices(vol):
     from panoptem.inference import preprocess as pre
 

@@ -221,14 +221,13 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     div = params.label_divisor
     things = [] if params.semantic_only else list(engine.thing_list)
 
-    def slices():
+    def slices():  # numpy only: see the note on CPU threads in pipeline.ahead
         for i in range(n):
-            yield pre.to_unit_range(pre.check_image_2d(read_slice(volume, a, i), f"slice {i}"),
-                                    value_range)
+            yield pre.check_image_2d(read_slice(volume, a, i), f"slice {i}")
 
     def model_outputs():
-        for x255 in ahead(slices(), name=f"panoptem-read-{axis}"):
-            yield engine.outputs(x255, params)
+        for image in ahead(slices(), name=f"panoptem-read-{axis}"):
+            yield engine.outputs(pre.to_unit_range(image, value_range), params)
 
     prog.stage(f"stack {axis}", n)
     next_label = {c: c * div + 1 for c in things}
