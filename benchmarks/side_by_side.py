@@ -88,13 +88,19 @@ def run_panoptem(args) -> None:
 
 
 def quantized_v1(models: Path, cfg: dict) -> Path:
-    """panoptem's int8 export of the anchor v1 file (made once, kept beside the models)."""
-    out = models / "MitoNet_v1_anchor_quantized_panoptem.pth"
-    if out.exists():
-        return out
+    """panoptem's int8 export of the anchor v1 file (made once per quantizer version, kept
+    beside the models under a name with the digest of ``panoptem.models.quantize``'s source)."""
+    import hashlib
+
     from bench_2d import MITONET_V1
     from PIL import Image
 
+    from panoptem.models import quantize
+
+    digest = hashlib.sha256(Path(quantize.__file__).read_bytes()).hexdigest()[:10]
+    out = models / f"MitoNet_v1_anchor_quantized_panoptem_{digest}.pth"
+    if out.exists():
+        return out
     from panoptem.models.quantize import (
         calibration_tensors,
         model_from_torchscript,

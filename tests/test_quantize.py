@@ -47,6 +47,12 @@ def test_int8_export_of_the_bundled_model_agrees_with_float(tmp_path, lucchi_ima
         convs = list(decoder.aspp.convs)
         assert all(_int8_convs(branch) >= 1 for branch in convs[:4])
         assert _int8_convs(convs[4]) == 0
+        # so does each fusion block (5 x 5 separable conv-BN-ReLU) of the decoders
+        assert all(_int8_convs(block) >= 2 for block in decoder.fuse)
+    # and the first block of each head; the final convolution (logits, centres, offsets) is float
+    for head in (int8.semantic_head, int8.ins_center, int8.ins_xy):
+        assert _int8_convs(head.head[0]) >= 2
+        assert _int8_convs(head.head[1]) == 0
 
     # the file runs through the engine at image sizes it was not traced with
     path = tmp_path / "small_quantized.pth"

@@ -2,8 +2,10 @@
 
 The ResNet encoder runs in int8 with per-channel weights and activation ranges
 calibrated on real images, and so do the convolution branches of Panoptic-DeepLab's ASPPs
-(in MitoNet_v1 they hold about as much arithmetic as the encoder); the rest of the
-decoders, the heads and PointRend stay in float. panoptem uses PyTorch's FX graph mode on
+(in MitoNet_v1 they hold about as much arithmetic as the encoder) and the separable
+conv-BN-ReLU blocks of the decoders and heads (the stride-4 work); the heads' final
+convolutions, the ASPP pooling and projection, BiFPN's SiLU blocks and PointRend stay in
+float. panoptem uses PyTorch's FX graph mode on
 those parts (the conv + BatchNorm + ReLU folding, observers and int8 kernels come from
 PyTorch), traces them once converted and scripts the whole model, so the file has the
 released interface ``m(x, render_steps, interpolate_ins)`` and runs through the same engine
@@ -87,7 +89,7 @@ def calibration_tensors(images: Iterable[np.ndarray], norms: dict, size: int = 5
 
 def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
                    already_fused: bool = False, progress: Progress | None = None) -> torch.jit.ScriptModule:
-    """Return a scripted copy of ``model`` whose encoder runs in int8.
+    """Return a scripted copy of ``model`` whose encoder and decoder blocks run in int8.
 
     Parameters
     ----------
@@ -113,6 +115,7 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
         prepared = prepare_fx(work.encoder, qconfig, (example,))
         work.encoder = prepared
         branches = _prepare_aspp_branches(work, qconfig, prepare_fx)
+        branches += _prepare_separable_blocks(work, qconfig, prepare_fx)
         progress = ensure_progress(progress)
         progress.stage("calibrating int8", len(calibration))
         for x in calibration:
@@ -147,6 +150,30 @@ def _prepare_aspp_branches(model: nn.Module, qconfig, prepare_fx) -> list[tuple]
             conv = next(m for m in branch.modules() if isinstance(m, nn.Conv2d))
             aspp.convs[i] = prepare_fx(branch, qconfig, (torch.zeros(1, conv.in_channels, 8, 8),))
             prepared.append((aspp.convs, i, conv.in_channels))
+    return prepared
+
+
+def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
+    """Observe every separable conv-BN-ReLU block of the decoders and heads for int8.
+
+    At stride 4 these blocks (5 x 5 depthwise, 1 x 1 pointwise, BN, ReLU) hold most of the
+    float arithmetic left once the encoder is int8: the last decoder fusion and the first
+    block of each head. Converted, BN is folded into the pointwise convolution and each block
+    runs about 3x faster (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1
+    convolutions (the logits, centres and offsets themselves), BiFPN's SiLU blocks and
+    PointRend stay in float. Returns ``(container, index, input channels)`` of each block.
+    """
+    from panoptem.models.blocks import SeparableConv2d
+
+    prepared = []
+    for parent in [m for m in model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]:
+        for i, block in enumerate(parent):
+            if (isinstance(block, nn.Sequential) and len(block) == 3
+                    and isinstance(block[0], SeparableConv2d)
+                    and isinstance(block[1], nn.BatchNorm2d) and isinstance(block[2], nn.ReLU)):
+                nin = block[0].sepconv[0].in_channels
+                parent[i] = prepare_fx(block, qconfig, (torch.zeros(1, nin, 8, 8),))
+                prepared.append((parent, i, nin))
     return prepared
 
 
