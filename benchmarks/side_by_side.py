@@ -87,8 +87,16 @@ def run_panoptem(args) -> None:
                                            "peak_rss_mb": _peak_rss_mb()}))
 
 
-def quantized_v1(models: Path, cfg: dict) -> Path:
-    """panoptem's int8 export of the anchor v1 file (made once per quantizer version, kept
+MITONET_V1_MINI = {  # as ../shared/original/make_anchor_model.py builds the mini anchor
+    "arch": "PanopticBiFPNPR", "encoder": "resnet50", "num_classes": 1, "fpn_dim": 160,
+    "fpn_layers": 3, "ins_decoder": True, "depthwise": True, "num_fc": 3, "train_num_points": 1024,
+    "oversample_ratio": 3, "importance_sample_ratio": 0.75, "subdivision_steps": 2,
+    "subdivision_num_points": 8192,
+}
+
+
+def quantized_panoptem(models: Path, cfg: dict, arch: str) -> Path:
+    """panoptem's int8 export of an anchor float file (made once per quantizer version, kept
     beside the models under a name with the digest of ``panoptem.models.quantize``'s source)."""
     import hashlib
 
@@ -98,32 +106,27 @@ def quantized_v1(models: Path, cfg: dict) -> Path:
     from panoptem.models import quantize
 
     digest = hashlib.sha256(Path(quantize.__file__).read_bytes()).hexdigest()[:10]
-    out = models / f"MitoNet_v1_anchor_quantized_panoptem_{digest}.pth"
+    out = models / f"{ARCHS[arch]}_quantized_panoptem_{digest}.pth"
     if out.exists():
         return out
-    from panoptem.models.quantize import (
-        calibration_tensors,
-        model_from_torchscript,
-        quantize_model,
-        save_quantized,
-    )
-
-    model = model_from_torchscript(cfg["model"], MITONET_V1)
+    model = quantize.model_from_torchscript(cfg["model"], {"v1": MITONET_V1, "mini": MITONET_V1_MINI}[arch])
     files = [f for f in sorted((models.parent / "train_data").rglob("*.tif*")) if f.parent.name == "images"]
     images = [np.asarray(Image.open(f)) for f in files[:: max(1, len(files) // 16)]]
-    save_quantized(quantize_model(model, calibration_tensors(images, cfg["norms"]),
-                                  already_fused=True), out)
+    quantize.save_quantized(quantize.quantize_model(
+        model, quantize.calibration_tensors(images, cfg["norms"], multiple=int(cfg["padding_factor"])),
+        already_fused=True), out)
     return out
 
 
-def _case_config(name: str, args, work: Path, quantized: bool) -> Path:
-    """The anchor model's config for a case, written to ``work``; int8 v1 is panoptem's export."""
+def _case_config(name: str, args, work: Path, quantized: bool, own_int8: bool = False) -> Path:
+    """The anchor model's config for a case, written to ``work``. The int8 file is panoptem's
+    export for v1 (the original's does not run here) or with ``own_int8``, else the original's."""
     arch = CASES[name][0]
     models = Path(args.anchor_dir) / "models"
     cfg = yaml.safe_load((models / f"{ARCHS[arch]}.yaml").read_text())
     cfg["model"] = str((models / Path(cfg["model"]).name).resolve())
-    if quantized and arch == "v1":
-        cfg["model_quantized"] = str(quantized_v1(models, cfg))
+    if quantized and (arch == "v1" or own_int8):
+        cfg["model_quantized"] = str(quantized_panoptem(models, cfg, arch))
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config
@@ -158,14 +161,22 @@ def run_case(name: str, args, work: Path) -> dict:
 
 
 def int8_check(args, work: Path) -> list[dict]:
-    """panoptem's int8 path against its float path, both architectures, 2D and 3D stack."""
-    rows = []
-    for arch in ("v1", "mini"):
+    """panoptem's int8 path against its float path, both architectures, 2D and 3D stack.
+
+    v1's int8 file is panoptem's export; mini is measured with the original's int8 file
+    (encoder only) and with panoptem's export of the same float file."""
+    rows: list[dict] = []
+    times_float: dict = {}  # float runs, shared by mini's two int8 files
+    for arch, int8_file in (("v1", "panoptem"), ("mini", "original"), ("mini", "panoptem")):
         for mode in ("2d", "stack"):
             times, labels = {}, {}
             for quantized in (False, True):
+                if not quantized and (arch, "float", mode) in times_float:
+                    times[False], labels[False] = times_float[(arch, "float", mode)]
+                    continue
                 case = f"{mode}-{arch}" if mode != "2d" else f"2d-{arch}"
-                config = _case_config(case, args, work, quantized=quantized)
+                config = _case_config(case, args, work, quantized=quantized,
+                                      own_int8=int8_file == "panoptem")
                 out, js = work / f"int8-{quantized}.npy", work / f"int8-{quantized}.json"
                 cmd = [sys.executable, __file__, "--ours", mode, "--config", str(config),
                        "--input", args.image if mode == "2d" else args.volume,
@@ -174,8 +185,10 @@ def int8_check(args, work: Path) -> list[dict]:
                 subprocess.run(cmd, check=True, capture_output=True)
                 times[quantized] = min(r["total_s"] for r in json.loads(js.read_text())["runs"][1:])
                 labels[quantized] = np.load(out)
+                if not quantized:
+                    times_float[(arch, "float", mode)] = times[False], labels[False]
             agree = agreement(labels[False], labels[True])
-            rows.append({"arch": arch, "mode": mode, "float_s": round(times[False], 2),
+            rows.append({"arch": arch, "int8_file": int8_file, "mode": mode, "float_s": round(times[False], 2),
                          "int8_s": round(times[True], 2), "speedup": round(times[False] / times[True], 2),
                          "fg_iou": agree["fg_iou"], "f1@0.5": agree["f1@0.5"]})
             print(json.dumps(rows[-1]), flush=True)

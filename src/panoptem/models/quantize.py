@@ -5,7 +5,8 @@ calibrated on real images, and so do the convolution branches of Panoptic-DeepLa
 (in MitoNet_v1 they hold about as much arithmetic as the encoder) and the separable
 conv-BN-ReLU blocks of the decoders and heads (the stride-4 work); the heads' final
 convolutions, the ASPP pooling and projection, BiFPN's SiLU blocks and PointRend stay in
-float. panoptem uses PyTorch's FX graph mode on
+float. (PointRend's per-point MLP in int8 gained nothing: quantized 1-D convolutions copy
+their input and output to and from a 2-D layout.) panoptem uses PyTorch's FX graph mode on
 those parts (the conv + BatchNorm + ReLU folding, observers and int8 kernels come from
 PyTorch), traces them once converted and scripts the whole model, so the file has the
 released interface ``m(x, render_steps, interpolate_ins)`` and runs through the same engine
@@ -124,9 +125,9 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
             progress.advance()
         converted = convert_fx(prepared)
         work.encoder = torch.jit.trace(converted, example, strict=False, check_trace=False)
-        for convs, i, nin in branches:
-            branch = convert_fx(convs[i])
-            convs[i] = torch.jit.trace(branch, torch.zeros(1, nin, 8, 8), strict=False, check_trace=False)
+        for parent, name, inputs in branches:
+            part = convert_fx(getattr(parent, name))
+            setattr(parent, name, torch.jit.trace(part, inputs, strict=False, check_trace=False))
         return script_model(work)
 
 
@@ -138,7 +139,7 @@ def _prepare_aspp_branches(model: nn.Module, qconfig, prepare_fx) -> list[tuple]
     it speeds up BiFPN models. Each 1 x 1 and atrous 3 x 3 branch (conv + folded BN + ReLU)
     gets int8 weights and calibrated activation ranges; the image-pooling branch (whose
     output size follows the input) and the projection stay in float. Returns
-    ``(module list, index, input channels)`` of each prepared branch.
+    ``(parent, child name, example inputs)`` of each prepared branch.
     """
     from panoptem.models.decoders.panoptic_deeplab import ASPP, ASPPPooling
 
@@ -148,8 +149,9 @@ def _prepare_aspp_branches(model: nn.Module, qconfig, prepare_fx) -> list[tuple]
             if isinstance(branch, ASPPPooling):
                 continue
             conv = next(m for m in branch.modules() if isinstance(m, nn.Conv2d))
-            aspp.convs[i] = prepare_fx(branch, qconfig, (torch.zeros(1, conv.in_channels, 8, 8),))
-            prepared.append((aspp.convs, i, conv.in_channels))
+            inputs = (torch.zeros(1, conv.in_channels, 8, 8),)
+            aspp.convs[i] = prepare_fx(branch, qconfig, inputs)
+            prepared.append((aspp.convs, str(i), inputs))
     return prepared
 
 
@@ -161,7 +163,7 @@ def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tup
     block of each head. Converted, BN is folded into the pointwise convolution and each block
     runs about 3x faster (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1
     convolutions (the logits, centres and offsets themselves), BiFPN's SiLU blocks and
-    PointRend stay in float. Returns ``(container, index, input channels)`` of each block.
+    PointRend stay in float. Returns ``(parent, child name, example inputs)`` of each block.
     """
     from panoptem.models.blocks import SeparableConv2d
 
@@ -171,9 +173,9 @@ def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tup
             if (isinstance(block, nn.Sequential) and len(block) == 3
                     and isinstance(block[0], SeparableConv2d)
                     and isinstance(block[1], nn.BatchNorm2d) and isinstance(block[2], nn.ReLU)):
-                nin = block[0].sepconv[0].in_channels
-                parent[i] = prepare_fx(block, qconfig, (torch.zeros(1, nin, 8, 8),))
-                prepared.append((parent, i, nin))
+                inputs = (torch.zeros(1, block[0].sepconv[0].in_channels, 8, 8),)
+                parent[i] = prepare_fx(block, qconfig, inputs)
+                prepared.append((parent, str(i), inputs))
     return prepared
 
 
