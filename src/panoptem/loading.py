@@ -194,7 +194,7 @@ def _jit_load(path: Path, device: torch.device, source: str) -> Any:
     return module
 
 
-def _select_quantized_engine() -> str:
+def _select_quantized_engine() -> None:
     """Select the quantized CPU backend int8 files are loaded with (at load, not import).
 
     The first of ``_QUANT_ENGINE_PREFERENCE`` that this torch build supports is selected,
@@ -207,7 +207,7 @@ def _select_quantized_engine() -> str:
     for engine in (*_QUANT_ENGINE_PREFERENCE, *supported):
         if engine in supported:
             torch.backends.quantized.engine = engine
-            return engine
+            return
     raise PanoptemError("this torch build has no quantized CPU backend")
 
 
