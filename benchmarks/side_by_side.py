@@ -160,36 +160,37 @@ def run_case(name: str, args, work: Path) -> dict:
             **agreement(np.load(work / "orig.npy"), np.load(work / "ours.npy"))}
 
 
+def _time_ours(args, work: Path, case: str, quantized: bool, own_int8: bool = False):
+    """Best warm time and last labels of one panoptem case, in a process of its own."""
+    mode = CASES[case][1]
+    config = _case_config(case, args, work, quantized=quantized, own_int8=own_int8)
+    out, js = work / "int8.npy", work / "int8.json"
+    cmd = [sys.executable, __file__, "--ours", mode, "--config", str(config),
+           "--input", args.image if mode == "2d" else args.volume,
+           "--repeat", str(args.repeat + 1), "--threads", str(args.threads),
+           "--out", str(out), "--json", str(js)] + (["--quantized"] if quantized else [])
+    subprocess.run(cmd, check=True, capture_output=True)
+    return min(r["total_s"] for r in json.loads(js.read_text())["runs"][1:]), np.load(out)
+
+
 def int8_check(args, work: Path) -> list[dict]:
     """panoptem's int8 path against its float path, both architectures, 2D and 3D stack.
 
     v1's int8 file is panoptem's export; mini is measured with the original's int8 file
     (encoder only) and with panoptem's export of the same float file."""
     rows: list[dict] = []
-    times_float: dict = {}  # float runs, shared by mini's two int8 files
+    floats: dict = {}  # case -> float run, shared by mini's two int8 files
     for arch, int8_file in (("v1", "panoptem"), ("mini", "original"), ("mini", "panoptem")):
-        for mode in ("2d", "stack"):
-            times, labels = {}, {}
-            for quantized in (False, True):
-                if not quantized and (arch, "float", mode) in times_float:
-                    times[False], labels[False] = times_float[(arch, "float", mode)]
-                    continue
-                case = f"{mode}-{arch}" if mode != "2d" else f"2d-{arch}"
-                config = _case_config(case, args, work, quantized=quantized,
-                                      own_int8=int8_file == "panoptem")
-                out, js = work / f"int8-{quantized}.npy", work / f"int8-{quantized}.json"
-                cmd = [sys.executable, __file__, "--ours", mode, "--config", str(config),
-                       "--input", args.image if mode == "2d" else args.volume,
-                       "--repeat", str(args.repeat + 1), "--threads", str(args.threads),
-                       "--out", str(out), "--json", str(js)] + (["--quantized"] if quantized else [])
-                subprocess.run(cmd, check=True, capture_output=True)
-                times[quantized] = min(r["total_s"] for r in json.loads(js.read_text())["runs"][1:])
-                labels[quantized] = np.load(out)
-                if not quantized:
-                    times_float[(arch, "float", mode)] = times[False], labels[False]
-            agree = agreement(labels[False], labels[True])
-            rows.append({"arch": arch, "int8_file": int8_file, "mode": mode, "float_s": round(times[False], 2),
-                         "int8_s": round(times[True], 2), "speedup": round(times[False] / times[True], 2),
+        for case in (f"2d-{arch}", f"stack-{arch}"):
+            if case not in floats:
+                floats[case] = _time_ours(args, work, case, quantized=False)
+            t_float, float_labels = floats[case]
+            t_int8, int8_labels = _time_ours(args, work, case, quantized=True,
+                                             own_int8=int8_file == "panoptem")
+            agree = agreement(float_labels, int8_labels)
+            rows.append({"arch": arch, "int8_file": int8_file, "mode": CASES[case][1],
+                         "float_s": round(t_float, 2), "int8_s": round(t_int8, 2),
+                         "speedup": round(t_float / t_int8, 2),
                          "fg_iou": agree["fg_iou"], "f1@0.5": agree["f1@0.5"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_2d  # noqa: E402
@@ -37,22 +36,13 @@ CASES = {
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
-    """Foreground IoU and one-to-one (Hungarian) instance F1 at IoU 0.5."""
-    fa, fb = a > 0, b > 0
-    ia, ib = np.unique(a[fa], return_inverse=True), np.unique(b[fb], return_inverse=True)
-    both = fa & fb
-    inter = np.zeros((len(ia[0]), len(ib[0])))
-    ka = np.searchsorted(ia[0], a[both])
-    kb = np.searchsorted(ib[0], b[both])
-    np.add.at(inter, (ka, kb), 1)
-    area_a = np.bincount(np.searchsorted(ia[0], a[fa]), minlength=len(ia[0]))
-    area_b = np.bincount(np.searchsorted(ib[0], b[fb]), minlength=len(ib[0]))
-    iou = inter / (area_a[:, None] + area_b[None, :] - inter)
-    r, c = linear_sum_assignment(-iou)
-    tp = int((iou[r, c] >= 0.5).sum())
-    return {"fg_iou": round(float(both.sum() / (fa | fb).sum()), 6),
-            "f1@0.5": round(2 * tp / (len(ia[0]) + len(ib[0])), 4),
-            "objects_original": len(ia[0]), "objects_panoptem": len(ib[0])}
+    """Foreground IoU and one-to-one instance F1 at IoU 0.5 of two label images (each
+    distinct id is one object), by :func:`panoptem.evaluation.evaluate`."""
+    from panoptem.evaluation import evaluate
+
+    m = evaluate(b, a, gt_is_binary=False, pred_is_binary=False)
+    return {"fg_iou": round(m.fg_iou, 6), "f1@0.5": round(m.f1, 4),
+            "objects_original": m.n_gt, "objects_panoptem": m.n_pred}
 
 
 def main() -> None:

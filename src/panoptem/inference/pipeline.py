@@ -37,7 +37,7 @@ def ahead(items: Iterable[T], depth: int = 2, name: str = "panoptem-ahead") -> I
     On a CPU, keep torch out of ``items`` (read and check with numpy; make tensors in the
     consumer). A second thread running torch's CPU kernels, even small ones, slowed the
     forward passes in the other thread by about 40 % on 2 cores (a 12-slice v1 int8 stack:
-    4.0-5.3 s against 2.7-3.4 s), although it was busy for about 1 ms per slice.
+    4.0-5.3 s against 2.5-3.3 s), although it was busy for about 1 ms per slice.
     """
     if depth < 1:
         raise ValueError(f"depth must be at least 1, not {depth}")
