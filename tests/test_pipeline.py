@@ -12,7 +12,7 @@ import pytest
 
 from panoptem.errors import Cancelled
 from panoptem.inference.engine import Engine2D, Params2D
-from panoptem.inference.pipeline import ahead
+from panoptem.inference.pipeline import ahead, ordered_map
 from panoptem.inference.stack import segment_stack
 from panoptem.progress import Progress
 
@@ -55,6 +55,36 @@ def test_ahead_stops_its_thread_when_the_consumer_stops():
     assert finished.is_set()  # the source generator was closed, in the thread
     assert not _ahead_threads()
     assert len(produced) <= 5 + 2 + 1  # at most depth items (and the one in hand) beyond
+
+
+def test_ordered_map_keeps_order_and_stops_its_threads():
+    def slow_square(x):
+        time.sleep(0.01 * (x % 3))  # later items often finish first
+        return x * x
+
+    assert list(ordered_map(slow_square, range(20), 3)) == [x * x for x in range(20)]
+    assert not _ahead_threads()
+
+    started = []
+
+    def record(x):
+        started.append(x)
+        if x == 4:
+            raise ValueError("item 4 is broken")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="item 4"):
+        for y in ordered_map(record, range(100), 2):
+            got.append(y)
+    assert got == [0, 1, 2, 3]
+    assert max(started) <= 4 + 2  # no more than the items in flight
+    assert not _ahead_threads()
+
+    items = ordered_map(lambda x: x, iter(range(1000)), 2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert not _ahead_threads()
 
 
 class Watched(Engine2D):
@@ -107,13 +137,92 @@ def test_forward_of_next_slice_runs_during_postprocessing(small_config, em_volum
     assert not _ahead_threads()
 
 
-def test_forward_passes_stay_in_the_calling_thread_on_cpu(small_config, em_volume):
-    """On a CPU the forward pass uses every core: by default it is not overlapped."""
+def test_one_worker_keeps_the_forward_passes_in_the_calling_thread(small_config, em_volume):
     vol = np.ascontiguousarray(em_volume[:3, :64, :64])
     watched = Watched(small_config)
     watched.n_slices, watched.wait = vol.shape[0], False
-    segment_stack(watched, vol, Params2D().validated(), median_size=1)
+    segment_stack(watched, vol, Params2D().validated(), median_size=1, workers=1)
     assert watched.threads == {threading.current_thread().name}
+
+
+class Paired(Engine2D):
+    """A real engine whose first two forward passes wait for each other (20 s at most:
+    one slice at a time never gets there), recording where each pass ran and with how
+    many intra-op threads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.barrier = threading.Barrier(2, timeout=20)
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.threads: set[str] = set()
+        self.intra_op: set[int] = set()
+
+    def outputs(self, x255, p):
+        import torch
+
+        with self.lock:
+            self.calls += 1
+            first_two = self.calls <= 2
+            self.threads.add(threading.current_thread().name)
+            self.intra_op.add(torch.get_num_threads())
+        if first_two:
+            self.barrier.wait()  # raises BrokenBarrierError unless both run at once
+        return super().outputs(x255, p)
+
+
+@pytest.mark.parametrize("median_size", [1, 3])
+def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size):
+    """By default on a CPU with 2 or more intra-op threads, small slices run through the
+    model two at a time, each on half the threads, with the result of one at a time."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vol = np.ascontiguousarray(em_volume[:6, :64, :64])
+        params = Params2D().validated()
+        paired = Paired(small_config)
+        res = segment_stack(paired, vol, params, median_size=median_size)
+        assert paired.calls == vol.shape[0]
+        assert len(paired.threads) == 2 and all(t.startswith("panoptem-model-xy") for t in paired.threads)
+        assert paired.intra_op == {1}
+        assert torch.get_num_threads() == 2  # restored, also for threads started later
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]
+
+        ref = segment_stack(Engine2D(small_config), vol, params, median_size=median_size, workers=1)
+        np.testing.assert_array_equal(res.store, ref.store)
+        assert res.store.max() > 0 and res.stats == ref.stats
+        assert not _ahead_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_large_slices_and_gpus_run_one_slice_at_a_time(small_config):
+    import torch
+
+    from panoptem.inference.stack import PARALLEL_SLICE_PIXELS, slice_workers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine2D(small_config)
+        side = int(PARALLEL_SLICE_PIXELS**0.5)
+        p = Params2D().validated()
+        assert slice_workers(engine, (side, side), p) == 2
+        assert slice_workers(engine, (side + 16, side), p) == 1
+        assert slice_workers(engine, (2 * side, 2 * side), Params2D(downsampling=2).validated()) == 2
+        torch.set_num_threads(1)
+        assert slice_workers(engine, (64, 64), p) == 1
+        torch.set_num_threads(2)
+        engine.device = torch.device("cuda")  # the choice only; nothing runs
+        assert slice_workers(engine, (64, 64), p) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_slices_are_read_ahead_without_torch(small_config, em_volume, monkeypatch):
@@ -138,11 +247,15 @@ def test_slices_are_read_ahead_without_torch(small_config, em_volume, monkeypatc
     monkeypatch.setattr(stack, "read_slice", reading)
     monkeypatch.setattr(stack.pre, "to_unit_range", converting)
     vol = np.ascontiguousarray(em_volume[:3, :64, :64])
-    watched = Watched(small_config)
-    watched.n_slices, watched.wait = vol.shape[0], False
-    segment_stack(watched, vol, Params2D().validated(), median_size=1)
-    assert where["read"] == {"panoptem-read-xy"}
-    assert where["tensor"] == watched.threads == {threading.current_thread().name}
+    for workers in (1, 2):
+        where["read"].clear()
+        where["tensor"].clear()
+        watched = Watched(small_config)
+        watched.n_slices, watched.wait = vol.shape[0], False
+        segment_stack(watched, vol, Params2D().validated(), median_size=1, workers=workers)
+        assert where["read"] == {"panoptem-read-xy"}
+        assert where["tensor"] == watched.threads  # where the forward passes run
+        assert "panoptem-read-xy" not in watched.threads
 
 
 def _unit_slices(vol):
@@ -163,13 +276,14 @@ class CancelAfter(Progress):
             self.cancel()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap):
+@pytest.mark.parametrize("overlap, workers", [(False, 1), (True, 1), (None, 2)])
+def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     params = Params2D().validated()
     engine = Engine2D(small_config)
     with pytest.raises(Cancelled):
-        segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap)
+        segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap,
+                      workers=workers)
     assert not _ahead_threads()
 
     class Broken(Engine2D):
@@ -180,5 +294,6 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap
             return super().outputs(x255, p)
 
     with pytest.raises(RuntimeError, match="slice 4"):
-        segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap)
+        segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap,
+                      workers=workers)
     assert not _ahead_threads()

@@ -5,6 +5,8 @@ post-process and match. :func:`ahead` runs one generator in a thread of its own,
 items ahead of the one that consumes it: :func:`~.stack.segment_stack` reads the next
 slices this way, and on a GPU also runs the model's forward passes ahead of the
 post-processing of the previous slice, so the GPU never waits for the CPU work around it.
+On a CPU, :func:`ordered_map` runs the forward passes of consecutive slices at the same
+time, each on its share of the cores.
 The items come out in order and unchanged; only the time at which they are computed moves.
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-__all__ = ["ahead"]
+__all__ = ["ahead", "ordered_map"]
 
 T = TypeVar("T")
 
@@ -80,3 +84,32 @@ def ahead(items: Iterable[T], depth: int = 2, name: str = "panoptem-ahead") -> I
     finally:
         stop.set()
         worker.join()
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, *,
+                initializer: Callable[[], object] | None = None,
+                name: str = "panoptem-map") -> Iterator:
+    """Yield ``fn(item)`` for every item, in order, with up to ``workers`` calls at once.
+
+    The calls run in a pool of ``workers`` threads (each runs ``initializer`` first); one
+    more item waits in the pool's queue, so a thread that finishes starts the next item
+    while the consumer works on the previous result. ``items`` is read in the consumer's
+    thread. An exception raised by a call is raised here, at its item. When the consumer
+    stops early, the queued calls are dropped and the running ones finish before this
+    generator does (the pool is shut down and its threads joined).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=initializer)
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
