@@ -305,6 +305,30 @@ def test_segment_existing_output_and_overwrite(tmp_path, registered, lucchi_imag
     assert tifffile.imread(out).shape == (64, 64)
 
 
+def test_written_files_get_ordinary_permissions(tmp_path, registered, lucchi_image, panoptem_home):
+    """Files are written to a temporary file and renamed: the result must not keep the
+    temporary file's owner-only 0o600 (colleagues on a facility server could not read it),
+    and a replaced file keeps its own permissions."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    config = panoptem_home / "configs" / f"{registered}.yaml"  # written by `models register`
+    assert config.stat().st_mode & 0o777 == 0o666 & ~umask
+    src = tmp_path / "img.png"
+    Image.fromarray(lucchi_image[:64, :64]).save(src)
+    new = tmp_path / "new.tif"
+    assert main(["segment", str(src), "-o", str(new), "--model", registered, "--quiet"]) == 0
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+    mine = tmp_path / "mine.tif"
+    mine.write_bytes(b"the user's own file")
+    mine.chmod(0o640)
+    assert main(["segment", str(src), "-o", str(mine), "--model", registered, "--quiet",
+                 "--overwrite"]) == 0
+    assert tifffile.imread(mine).shape == (64, 64)
+    assert mine.stat().st_mode & 0o777 == 0o640
+
+
 def test_segment3d_zarr_records_what_the_reader_needs(tmp_path, registered, em_volume_tif):
     import zarr
 

@@ -26,18 +26,33 @@ from panoptem.errors import PanoptemError
 __all__ = ["atomic_path", "write_atomic", "free_path", "writable_folder", "check_output"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The process's umask, read once at import (reading it means setting it for an instant).
+_UMASK = _read_umask()
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it to ``target`` on success.
 
     The temporary file is removed when the block raises (including a cancel), and an
-    existing ``target`` stays as it was.
+    existing ``target`` stays as it was. The new file gets the permissions of the file it
+    replaces, or those of a newly created file (``0o666`` less the umask), not the
+    owner-only ``0o600`` of a temporary file, so colleagues can read shared results.
     """
     target = Path(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        mode = target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~_UMASK
+        if Path(tmp).is_file():
+            os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
