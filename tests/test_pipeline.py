@@ -171,58 +171,57 @@ class Paired(Engine2D):
         return super().outputs(x255, p)
 
 
+@pytest.fixture
+def two_threads():
+    """torch with 2 intra-op threads during the test (whatever the machine has)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield torch
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("median_size", [1, 3])
-def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size):
+def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size, two_threads):
     """By default on a CPU with 2 or more intra-op threads, small slices run through the
     model two at a time, each on half the threads, with the result of one at a time."""
-    import torch
+    torch = two_threads
+    vol = np.ascontiguousarray(em_volume[:6, :64, :64])
+    params = Params2D().validated()
+    paired = Paired(small_config)
+    res = segment_stack(paired, vol, params, median_size=median_size)
+    assert paired.calls == vol.shape[0]
+    assert len(paired.threads) == 2 and all(t.startswith("panoptem-model-xy") for t in paired.threads)
+    assert paired.intra_op == {1}
+    assert torch.get_num_threads() == 2  # restored, also for threads started later
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        vol = np.ascontiguousarray(em_volume[:6, :64, :64])
-        params = Params2D().validated()
-        paired = Paired(small_config)
-        res = segment_stack(paired, vol, params, median_size=median_size)
-        assert paired.calls == vol.shape[0]
-        assert len(paired.threads) == 2 and all(t.startswith("panoptem-model-xy") for t in paired.threads)
-        assert paired.intra_op == {1}
-        assert torch.get_num_threads() == 2  # restored, also for threads started later
-        later = []
-        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert later == [2]
-
-        ref = segment_stack(Engine2D(small_config), vol, params, median_size=median_size, workers=1)
-        np.testing.assert_array_equal(res.store, ref.store)
-        assert res.store.max() > 0 and res.stats == ref.stats
-        assert not _ahead_threads()
-    finally:
-        torch.set_num_threads(before)
+    ref = segment_stack(Engine2D(small_config), vol, params, median_size=median_size, workers=1)
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0 and res.stats == ref.stats
+    assert not _ahead_threads()
 
 
-def test_large_slices_and_gpus_run_one_slice_at_a_time(small_config):
-    import torch
-
+def test_large_slices_and_gpus_run_one_slice_at_a_time(small_config, two_threads):
     from panoptem.inference.stack import PARALLEL_SLICE_PIXELS, slice_workers
 
-    before = torch.get_num_threads()
+    torch = two_threads
+    engine = Engine2D(small_config)
+    side = int(PARALLEL_SLICE_PIXELS**0.5)
+    p = Params2D().validated()
+    assert slice_workers(engine, (side, side), p) == 2
+    assert slice_workers(engine, (side + 16, side), p) == 1
+    assert slice_workers(engine, (2 * side, 2 * side), Params2D(downsampling=2).validated()) == 2
+    torch.set_num_threads(1)
+    assert slice_workers(engine, (64, 64), p) == 1
     torch.set_num_threads(2)
-    try:
-        engine = Engine2D(small_config)
-        side = int(PARALLEL_SLICE_PIXELS**0.5)
-        p = Params2D().validated()
-        assert slice_workers(engine, (side, side), p) == 2
-        assert slice_workers(engine, (side + 16, side), p) == 1
-        assert slice_workers(engine, (2 * side, 2 * side), Params2D(downsampling=2).validated()) == 2
-        torch.set_num_threads(1)
-        assert slice_workers(engine, (64, 64), p) == 1
-        torch.set_num_threads(2)
-        engine.device = torch.device("cuda")  # the choice only; nothing runs
-        assert slice_workers(engine, (64, 64), p) == 1
-    finally:
-        torch.set_num_threads(before)
+    engine.device = torch.device("cuda")  # the choice only; nothing runs
+    assert slice_workers(engine, (64, 64), p) == 1
 
 
 def test_slices_are_read_ahead_without_torch(small_config, em_volume, monkeypatch):

@@ -50,9 +50,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        mode = target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~_UMASK
-        if Path(tmp).is_file():
-            os.chmod(tmp, mode)
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.is_file() else 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
