@@ -235,8 +235,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         On a CPU, run the forward passes of this many consecutive slices at once, in
         threads of their own, the intra-op threads (``torch.get_num_threads()``) shared
         among them; the post-processing then runs on one share too. Default
-        :func:`slice_workers` (1 when ``overlap`` is given). The result equals that of one
-        slice at a time up to the floating-point summation order of the model's kernels.
+        :func:`slice_workers` (1 when ``overlap`` is given). With more than one worker the
+        forward passes already run off this thread, and ``overlap`` is not used. The result
+        equals that of one slice at a time up to the floating-point summation order of the
+        model's kernels.
 
     Returns
     -------
