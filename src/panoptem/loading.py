@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panoptem import _download, registry
+from panoptem._memory import release_free_memory
 from panoptem.errors import Cancelled, PanoptemError, describe
 from panoptem.progress import Progress
 
@@ -302,6 +303,7 @@ def _load_cached(
         optimized = False
         if optimize:
             module, optimized = prepare_for_inference(module, device, padding_factor)
+            release_free_memory()  # the copies that freezing and optimising went through
         _model_cache[key] = (signature, module, optimized)
         return module, path, optimized
 

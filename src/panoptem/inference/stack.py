@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from panoptem._memory import release_free_memory
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.matching import match_slice
@@ -299,6 +300,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
             source.close()
         if workers > 1:  # also the count that threads started later begin with
             torch.set_num_threads(threads)
+        release_free_memory()  # the forward passes' activations, freed in their threads' arenas
 
     result = StackResult(axis, store, div)
     prog.stage(f"matching {axis}", n)
