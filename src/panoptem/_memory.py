@@ -8,7 +8,8 @@ to return it (``malloc_trim``, as dask.distributed's workers do). It frees nothi
 in use and changes no allocator setting: memory allocated later comes from the OS again.
 
 Measured on an ortho-plane run of MitoNet_v1 (64 x 256 x 256, 2 cores): peak resident
-memory 941 MB without, 809 MB with a release after loading the model and after each stack.
+memory 941 MB without, 799-833 MB with a release after loading the model and after each
+stack.
 """
 
 from __future__ import annotations
