@@ -99,10 +99,10 @@ class Watched(Engine2D):
         self.wait = True
         self.threads: set[str] = set()  # where the forward passes ran
 
-    def outputs(self, x255, p):
-        self.started += 1
+    def heads_batch(self, images, *args):  # every forward pass, of one slice or several
+        self.started += len(images)
         self.threads.add(threading.current_thread().name)
-        return super().outputs(x255, p)
+        return super().heads_batch(images, *args)
 
     def panoptic(self, probs, ctr, off, p, shape):
         i = len(self.overlapped)
@@ -147,8 +147,8 @@ def test_one_worker_keeps_the_forward_passes_in_the_calling_thread(small_config,
 
 class Paired(Engine2D):
     """A real engine whose first two forward passes wait for each other (20 s at most:
-    one slice at a time never gets there), recording where each pass ran and with how
-    many intra-op threads."""
+    one pass at a time never gets there), recording where each pass ran, with how many
+    intra-op threads and on how many slices."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,8 +157,9 @@ class Paired(Engine2D):
         self.calls = 0
         self.threads: set[str] = set()
         self.intra_op: set[int] = set()
+        self.sizes: list[int] = []  # slices per forward pass, in the order they began
 
-    def outputs(self, x255, p):
+    def heads_batch(self, images, *args):
         import torch
 
         with self.lock:
@@ -166,9 +167,10 @@ class Paired(Engine2D):
             first_two = self.calls <= 2
             self.threads.add(threading.current_thread().name)
             self.intra_op.add(torch.get_num_threads())
+            self.sizes.append(len(images))
         if first_two:
             self.barrier.wait()  # raises BrokenBarrierError unless both run at once
-        return super().outputs(x255, p)
+        return super().heads_batch(images, *args)
 
 
 @pytest.fixture
@@ -182,16 +184,18 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("median_size", [1, 3])
-def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size, two_threads):
+@pytest.mark.parametrize("median_size, batch", [(1, None), (3, None), (3, 1)])
+def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size, batch,
+                                         two_threads):
     """By default on a CPU with 2 or more intra-op threads, small slices run through the
-    model two at a time, each on half the threads, with the result of one at a time."""
+    model two at a time, each on half the threads, with the result of one at a time; the
+    smallest also go two per forward pass (``batch``: None, the default, gives 2 here)."""
     torch = two_threads
     vol = np.ascontiguousarray(em_volume[:6, :64, :64])
     params = Params2D().validated()
     paired = Paired(small_config)
-    res = segment_stack(paired, vol, params, median_size=median_size)
-    assert paired.calls == vol.shape[0]
+    res = segment_stack(paired, vol, params, median_size=median_size, batch=batch)
+    assert sorted(paired.sizes) == ([1] * 6 if batch == 1 else [2, 2, 2])
     assert len(paired.threads) == 2 and all(t.startswith("panoptem-model-xy") for t in paired.threads)
     assert paired.intra_op == {1}
     assert torch.get_num_threads() == 2  # restored, also for threads started later
@@ -222,6 +226,56 @@ def test_large_slices_and_gpus_run_one_slice_at_a_time(small_config, two_threads
     torch.set_num_threads(2)
     engine.device = torch.device("cuda")  # the choice only; nothing runs
     assert slice_workers(engine, (64, 64), p) == 1
+
+
+def test_only_small_slices_of_float_models_go_two_per_forward_pass(small_config, two_threads):
+    """Two slices per forward pass where the model's weights are large for the slice: at
+    least BATCH_WEIGHT_BYTES_PER_PIXEL bytes per (padded) model-input pixel."""
+    from dataclasses import replace
+
+    from panoptem.inference.stack import BATCH_WEIGHT_BYTES_PER_PIXEL, slice_batch
+
+    torch = two_threads
+    engine = Engine2D(small_config)
+    pf = engine.padding_factor
+    p = Params2D().validated()
+    nbytes = engine.loaded.weight_bytes
+    params = sum(t.numel() for t in torch.jit.load(small_config["model"]).parameters())
+    assert params * 4 <= nbytes < params * 4 * 1.1  # float32 weights, and BN statistics
+    assert Engine2D(small_config).loaded.weight_bytes == nbytes  # also from the model cache
+    rows = nbytes // BATCH_WEIGHT_BYTES_PER_PIXEL // 64 // pf * pf  # 64-wide slices, at the limit
+    assert rows >= 2 * pf
+    assert slice_batch(engine, (rows, 64), p) == 2
+    assert slice_batch(engine, (rows - pf + 1, 64), p) == 2  # padded to `rows`
+    assert slice_batch(engine, (rows + 1, 64), p) == 1  # padded to rows + pf: past the limit
+    assert slice_batch(engine, (2 * rows, 128), Params2D(downsampling=2).validated()) == 2
+    float_model = engine.loaded
+    engine.loaded = replace(float_model, quantized=True)  # int8 weights are packed already
+    assert slice_batch(engine, (64, 64), p) == 1
+    engine.loaded = float_model
+    torch.set_num_threads(1)  # one slice at a time: one per pass
+    assert slice_batch(engine, (64, 64), p) == 1
+    torch.set_num_threads(2)
+    engine.device = torch.device("cuda")  # the choice only; nothing runs
+    assert slice_batch(engine, (64, 64), p) == 1
+
+
+def test_a_forward_pass_of_two_slices_gives_each_slice_its_own_outputs(small_config, em_volume):
+    import torch
+
+    engine = Engine2D(small_config)
+    p = Params2D().validated()
+    images = [torch.from_numpy(em_volume[i, :64, :96].astype(np.float32)) for i in (0, 7)]
+    both = engine.outputs_batch(images, p)
+    assert len(both) == 2
+    for image, outs in zip(images, both, strict=True):
+        for got, want in zip(outs, engine.outputs(image, p), strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the two slices differ, so a mix-up would show
+    assert not torch.allclose(both[0][0], both[1][0], atol=1e-2)
+    with pytest.raises(ValueError, match="share a shape"):
+        engine.outputs_batch([images[0], images[1][:, :64]], p)
 
 
 def test_slices_are_read_ahead_without_torch(small_config, em_volume, monkeypatch):
@@ -275,24 +329,26 @@ class CancelAfter(Progress):
             self.cancel()
 
 
-@pytest.mark.parametrize("overlap, workers", [(False, 1), (True, 1), (None, 2)])
-def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers):
+@pytest.mark.parametrize("overlap, workers, batch", [(False, 1, 1), (True, 1, 1), (None, 2, 1),
+                                                     (None, 2, 2), (None, 1, 2)])
+def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers, batch):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     params = Params2D().validated()
     engine = Engine2D(small_config)
     with pytest.raises(Cancelled):
         segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap,
-                      workers=workers)
+                      workers=workers, batch=batch)
     assert not _ahead_threads()
 
     class Broken(Engine2D):
-        def outputs(self, x255, p):
-            if getattr(self, "calls", 0) == 4:
+        def heads_batch(self, images, *args):
+            done = getattr(self, "done", 0)  # slices passed so far
+            if done <= 4 < done + len(images):
                 raise RuntimeError("out of memory on slice 4")
-            self.calls = getattr(self, "calls", 0) + 1
-            return super().outputs(x255, p)
+            self.done = done + len(images)
+            return super().heads_batch(images, *args)
 
     with pytest.raises(RuntimeError, match="slice 4"):
         segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap,
-                      workers=workers)
+                      workers=workers, batch=batch)
     assert not _ahead_threads()

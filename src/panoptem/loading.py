@@ -64,6 +64,9 @@ class LoadedModel:
     optimized : bool
         Whether ``module`` is the frozen, device-optimised copy (see
         :func:`prepare_for_inference`) rather than the file's module as loaded.
+    weight_bytes : int
+        Bytes of the floating-point weights and buffers of the file's module (int8 files
+        count only their float parts: their int8 weights are packed).
     """
 
     module: torch.jit.ScriptModule
@@ -72,11 +75,13 @@ class LoadedModel:
     quantized: bool
     path: Path | None = None
     optimized: bool = False
+    weight_bytes: int = 0
 
 
-# (resolved path, device, quantized, optimize) -> ((size, mtime_ns), module, optimized). The
-# file signature makes a file that was overwritten (e.g. by a new finetuning run) load afresh.
-_model_cache: dict[tuple[str, str, bool, bool], tuple[tuple[int, int], Any, bool]] = {}
+# (resolved path, device, quantized, optimize) -> ((size, mtime_ns), module, optimized,
+# weight bytes). The file signature makes a file that was overwritten (e.g. by a new
+# finetuning run) load afresh.
+_model_cache: dict[tuple[str, str, bool, bool], tuple[tuple[int, int], Any, bool, int]] = {}
 _failed_quantized: dict[tuple[str, tuple[int, int]], str] = {}
 _cache_lock = threading.RLock()
 
@@ -263,6 +268,15 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
     return prepared, True
 
 
+def float_weight_bytes(module: Any) -> int:
+    """Bytes of the floating-point tensors in ``module``'s state dict (packed int8 weights
+    are not tensors there and count 0)."""
+    import torch
+
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def _load_cached(
     source: str,
     known_hash: str | None,
@@ -271,7 +285,7 @@ def _load_cached(
     padding_factor: int,
     progress: Progress | None,
     optimize: bool = False,
-) -> tuple[Any, Path, bool]:
+) -> tuple[Any, Path, bool, int]:
     try:
         path = registry.fetch_file(source, known_hash=known_hash, progress=progress)
     except PanoptemError as err:
@@ -287,7 +301,7 @@ def _load_cached(
     with _cache_lock:
         hit = _model_cache.get(key)
         if hit is not None and hit[0] == signature:
-            return hit[1], path, hit[2]
+            return hit[1], path, hit[2], hit[3]
         if quantized and (str(resolved), signature) in _failed_quantized:
             raise RuntimeError(_failed_quantized[(str(resolved), signature)])
         try:
@@ -300,12 +314,13 @@ def _load_cached(
             if quantized:
                 _failed_quantized[(str(resolved), signature)] = describe(exc)
             raise
+        nbytes = float_weight_bytes(module)  # a frozen copy keeps its weights out of its state dict
         optimized = False
         if optimize:
             module, optimized = prepare_for_inference(module, device, padding_factor)
             release_free_memory()  # the copies that freezing and optimising went through
-        _model_cache[key] = (signature, module, optimized)
-        return module, path, optimized
+        _model_cache[key] = (signature, module, optimized, nbytes)
+        return module, path, optimized, nbytes
 
 
 def load_model(
@@ -362,10 +377,10 @@ def load_model(
         source = config["model_quantized"]
         try:
             _select_quantized_engine()
-            module, path, _ = _load_cached(
+            module, path, _, nbytes = _load_cached(
                 source, config.get("model_quantized_hash"), dev, True, pf, progress
             )
-            return LoadedModel(module, config, dev, True, path)
+            return LoadedModel(module, config, dev, True, path, weight_bytes=nbytes)
         except Cancelled:
             raise
         except Exception as exc:
@@ -377,7 +392,7 @@ def load_model(
                 stacklevel=2,
             )
 
-    module, path, optimized = _load_cached(
+    module, path, optimized, nbytes = _load_cached(
         config["model"], config.get("model_hash"), dev, False, pf, progress, optimize
     )
-    return LoadedModel(module, config, dev, False, path, optimized)
+    return LoadedModel(module, config, dev, False, path, optimized, nbytes)

@@ -176,7 +176,22 @@ class Engine2D:
         (sem_logits (C, Hp*s, Wp*s), ctr_hmp (h, w), offsets (2, h, w)) on the engine's
         device, where (Hp, Wp) is the downsampled image padded to the padding factor.
         """
-        x = pre.downsample(x255.to(self.device, non_blocking=True)[None, None], downsampling)
+        return self.heads_batch([x255], downsampling, fine_boundaries)[0]
+
+    def heads_batch(self, images: list[torch.Tensor], downsampling: int = 1,
+                    fine_boundaries: bool = False) -> list[tuple]:
+        """Model outputs for several images of one shape, in one forward pass.
+
+        Each image's outputs are those of :meth:`heads`: the model treats the images of a
+        batch independently (eval mode), so only the order of floating-point sums inside
+        its kernels can differ.
+        """
+        shapes = {tuple(x.shape) for x in images}
+        if len(shapes) != 1:
+            raise ValueError(f"the images of one forward pass must share a shape, not {sorted(shapes)}")
+        xs = [pre.downsample(x.to(self.device, non_blocking=True)[None, None], downsampling)
+              for x in images]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         x = pre.pad_to_factor(pre.normalize(x, self.norms), self.padding_factor)
         render_steps = 2 + int(math.log2(downsampling))
         t0 = time.perf_counter()
@@ -186,7 +201,8 @@ class Engine2D:
                 torch.cuda.synchronize(self.device)
         self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t0
         try:
-            return out["sem_logits"][0], out["ctr_hmp"][0, 0], out["offsets"][0]
+            sem, ctr, off = out["sem_logits"], out["ctr_hmp"], out["offsets"]
+            return [(sem[i], ctr[i, 0], off[i]) for i in range(len(xs))]
         except (KeyError, IndexError, TypeError) as err:
             raise PanoptemError(
                 "The model did not return 'sem_logits', 'ctr_hmp' and 'offsets'; it does not "
@@ -197,6 +213,11 @@ class Engine2D:
         """Semantic probabilities, centre heat map and offsets of one image (see :meth:`heads`)."""
         sem, ctr, off = self.heads(x255, p.downsampling, p.fine_boundaries)
         return semantic_probabilities(sem), ctr, off
+
+    def outputs_batch(self, images: list[torch.Tensor], p: Params2D) -> list[tuple]:
+        """:meth:`outputs` of several images of one shape, in one forward pass."""
+        return [(semantic_probabilities(sem), ctr, off)
+                for sem, ctr, off in self.heads_batch(images, p.downsampling, p.fine_boundaries)]
 
     def panoptic(self, probs: torch.Tensor, ctr: torch.Tensor, off: torch.Tensor, p: Params2D,
                  shape: tuple[int, int]) -> np.ndarray:

@@ -31,13 +31,18 @@ from panoptem.inference.pipeline import ahead, ordered_map
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["AXES", "read_slice", "slice_shape", "volume_intensity_range", "median_filtered",
-           "StackResult", "segment_stack", "slice_workers"]
+           "StackResult", "segment_stack", "slice_workers", "slice_batch"]
 
 AXES = {"xy": 0, "xz": 1, "yz": 2}
 
 #: On a CPU, slices of up to this many model-input pixels run two at a time (see
 #: :func:`slice_workers`); larger ones one at a time, on all the cores.
 PARALLEL_SLICE_PIXELS = 512 * 512
+
+#: On a CPU, while slices run two at a time, slices also go through a float model two per
+#: forward pass when its weights take at least this many bytes per model-input pixel (after
+#: downsampling and padding; see :func:`slice_batch`).
+BATCH_WEIGHT_BYTES_PER_PIXEL = 5000
 
 
 def _index(axis: int, i) -> tuple:
@@ -207,10 +212,51 @@ def slice_workers(engine, shape: tuple[int, int], params) -> int:
     return 2 if pixels <= PARALLEL_SLICE_PIXELS else 1
 
 
+def slice_batch(engine, shape: tuple[int, int], params) -> int:
+    """How many consecutive slices of ``shape`` go through the model in one call: 2 or 1.
+
+    2 where slices run two at a time (:func:`slice_workers`), the model is a float one and
+    its weights take at least :data:`BATCH_WEIGHT_BYTES_PER_PIXEL` bytes per pixel of the
+    model input (after downsampling, padded to the padding factor). Each call of a float
+    model on a CPU re-orders all its weights for oneDNN's convolutions (about 50 ms for
+    MitoNet_v1's 220 MB, whatever the input size), so on small slices a large part of the
+    call; two slices per call pay it once. Measured on 2 cores with two calls at once:
+
+    - MitoNet_v1 (220 MB) at 64 x 256 (the xz and yz slices of a 64-slice volume, 13.5 kB
+      per pixel): 120-123 -> 96-97 ms per slice; at 128 x 256 (6.7 kB): 202-210 -> 184-189
+      ms; at 256 x 256 (3.4 kB): within this machine's noise (about 5 %).
+    - MitoNet_v1_mini (119 MB) at 128 x 256 (3.6 kB): 111-121 -> 111-113 ms, and a whole
+      ortho-plane run was no faster.
+
+    int8 files keep their weights packed for their kernels, so they gain nothing. The
+    outputs are those of one slice per call.
+    """
+    loaded = engine.loaded
+    if loaded.quantized or slice_workers(engine, shape, params) < 2:
+        return 1
+    pixels = 1
+    for side in shape:
+        down = -(-side // params.downsampling)
+        pixels *= -(-down // engine.padding_factor) * engine.padding_factor
+    return 2 if loaded.weight_bytes >= BATCH_WEIGHT_BYTES_PER_PIXEL * pixels else 1
+
+
+def _chunks(items: Iterator, n: int) -> Iterator[list]:
+    """Consecutive lists of ``n`` items (the last one may be shorter)."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int = 3,
                   value_range=None, store=None, outputs: Iterator | None = None,
                   progress: Progress | None = None, overlap: bool | None = None,
-                  workers: int | None = None) -> StackResult:
+                  workers: int | None = None, batch: int | None = None) -> StackResult:
     """Infer, median-filter, post-process and match every slice along ``axis``.
 
     Parameters
@@ -240,6 +286,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         forward passes already run off this thread, and ``overlap`` is not used. The result
         equals that of one slice at a time up to the floating-point summation order of the
         model's kernels.
+    batch : int, optional
+        Run this many consecutive slices through the model in one call
+        (:meth:`Engine2D.outputs_batch`). Default :func:`slice_batch` with more than one
+        worker, else 1. The result again equals that of one slice at a time.
 
     Returns
     -------
@@ -261,22 +311,37 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     def forward(image):
         return engine.outputs(pre.to_unit_range(image, value_range), params)
 
+    def forward_batch(images):
+        return engine.outputs_batch([pre.to_unit_range(im, value_range) for im in images], params)
+
     if outputs is not None:
-        workers = 1
+        workers = batch = 1
     elif workers is None:
         workers = 1 if overlap is not None else slice_workers(engine, (h, w), params)
+    if batch is None:
+        batch = slice_batch(engine, (h, w), params) if workers > 1 else 1
+    if batch < 1 or workers < 1:
+        raise ValueError(f"workers and batch must be at least 1, not {workers} and {batch}")
     threads = torch.get_num_threads()
     share = max(1, threads // workers)
 
     def model_outputs():
         images = ahead(slices(), name=f"panoptem-read-{axis}")
+        fn, items = (forward_batch, _chunks(images, batch)) if batch > 1 else (forward, images)
+        if workers > 1:
+            results = ordered_map(fn, items, workers, name=f"panoptem-model-{axis}",
+                                  initializer=lambda: torch.set_num_threads(share))
+        else:
+            results = map(fn, items)
         try:
-            if workers > 1:
-                yield from ordered_map(forward, images, workers, name=f"panoptem-model-{axis}",
-                                       initializer=lambda: torch.set_num_threads(share))
+            if batch > 1:
+                for outs in results:
+                    yield from outs
             else:
-                yield from map(forward, images)
-        finally:
+                yield from results
+        finally:  # stops the pool's threads (ordered_map) and the read-ahead thread
+            if hasattr(results, "close"):
+                results.close()
             images.close()
 
     prog.stage(f"stack {axis}", n)
