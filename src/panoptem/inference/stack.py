@@ -228,7 +228,8 @@ def slice_batch(engine, shape: tuple[int, int], params) -> int:
     - MitoNet_v1_mini (119 MB) at 128 x 256 (3.6 kB): 111-121 -> 111-113 ms, and a whole
       ortho-plane run was no faster.
 
-    int8 files keep their weights packed for their kernels, so they gain nothing. The
+    int8 files keep their int8 weights packed for their kernels and are not batched (v1
+    int8 at 64 x 256: 68-96 ms per slice one per call, 95-98 ms two per call). The
     outputs are those of one slice per call.
     """
     loaded = engine.loaded
