@@ -200,3 +200,23 @@ def test_prepared_copy_that_disagrees_is_not_used(monkeypatch):
 def test_quantized_model_is_not_prepared():
     loaded = loading.load_model("panoptem_mito_small", quantized=True)
     assert loaded.quantized and not loaded.optimized
+
+
+def test_weight_bytes_are_counted_before_freezing():
+    """The float weights' size steers how many 3D slices go through the model per call; a
+    frozen copy holds its weights in its graph, so they are counted on the file's module."""
+    fast = loading.load_model("panoptem_mito_small")
+    plain = loading.load_model("panoptem_mito_small", optimize=False)
+    expected = sum(t.numel() * t.element_size() for t in plain.module.state_dict().values()
+                   if t.is_floating_point())
+    assert expected > 1_000_000
+    assert fast.weight_bytes == plain.weight_bytes == expected
+    assert loading.float_weight_bytes(fast.module) < expected  # what freezing leaves visible
+    int8 = loading.load_model("panoptem_mito_small", quantized=True)
+    assert int8.quantized and 0 < int8.weight_bytes < expected  # its float parts only
+
+    class NoStateDict:
+        def state_dict(self):
+            raise RuntimeError("this module has no state dict")
+
+    assert loading.float_weight_bytes(NoStateDict()) == 0

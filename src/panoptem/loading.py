@@ -270,10 +270,15 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
 
 def float_weight_bytes(module: Any) -> int:
     """Bytes of the floating-point tensors in ``module``'s state dict (packed int8 weights
-    are not tensors there and count 0)."""
+    are not tensors there and count 0). 0 for a module without a readable state dict: the
+    count only steers how many 3D slices go through the model per call."""
     import torch
 
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values()
+    try:
+        tensors = list(module.state_dict().values())
+    except (AttributeError, RuntimeError):
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
