@@ -188,8 +188,9 @@ def two_threads():
 def test_two_slices_run_at_once_on_a_cpu(small_config, em_volume, median_size, batch,
                                          two_threads):
     """By default on a CPU with 2 or more intra-op threads, small slices run through the
-    model two at a time, each on half the threads, with the result of one at a time; the
-    smallest also go two per forward pass (``batch``: None, the default, gives 2 here)."""
+    model two at a time, each on half the threads, with the result of one at a time. Slices
+    this small for the model's weights also go two per forward pass (``batch``: None, the
+    default, gives 2 here; 1 keeps one slice per pass)."""
     torch = two_threads
     vol = np.ascontiguousarray(em_volume[:6, :64, :64])
     params = Params2D().validated()
