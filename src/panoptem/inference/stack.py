@@ -193,6 +193,17 @@ def _match_classes(target: np.ndarray | None, pan: np.ndarray, thing_list, div: 
     return out
 
 
+def _input_pixels(shape: tuple[int, int], downsampling: int, padding_factor: int = 1) -> int:
+    """Pixels of the model input for a slice of ``shape``: downsampled as
+    :func:`~panoptem.inference.preprocess.downsample` does (rounding up), then padded to
+    multiples of ``padding_factor``."""
+    pixels = 1
+    for side in shape:
+        down = -(-side // downsampling)
+        pixels *= -(-down // padding_factor) * padding_factor
+    return pixels
+
+
 def slice_workers(engine, shape: tuple[int, int], params) -> int:
     """How many slices of ``shape`` run through the model at once: 2 or 1.
 
@@ -207,9 +218,7 @@ def slice_workers(engine, shape: tuple[int, int], params) -> int:
     """
     if engine.device.type != "cpu" or torch.get_num_threads() < 2:
         return 1
-    ds = params.downsampling
-    pixels = -(-shape[0] // ds) * -(-shape[1] // ds)
-    return 2 if pixels <= PARALLEL_SLICE_PIXELS else 1
+    return 2 if _input_pixels(shape, params.downsampling) <= PARALLEL_SLICE_PIXELS else 1
 
 
 def slice_batch(engine, shape: tuple[int, int], params) -> int:
@@ -235,10 +244,7 @@ def slice_batch(engine, shape: tuple[int, int], params) -> int:
     loaded = engine.loaded
     if loaded.quantized or slice_workers(engine, shape, params) < 2:
         return 1
-    pixels = 1
-    for side in shape:
-        down = -(-side // params.downsampling)
-        pixels *= -(-down // engine.padding_factor) * engine.padding_factor
+    pixels = _input_pixels(shape, params.downsampling, engine.padding_factor)
     return 2 if loaded.weight_bytes >= BATCH_WEIGHT_BYTES_PER_PIXEL * pixels else 1
 
 
@@ -309,10 +315,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         for i in range(n):
             yield pre.check_image_2d(read_slice(volume, a, i), f"slice {i}")
 
-    def forward(image):
-        return engine.outputs(pre.to_unit_range(image, value_range), params)
-
-    def forward_batch(images):
+    def forward(images):  # `batch` consecutive slices (fewer at the end) in one call
         return engine.outputs_batch([pre.to_unit_range(im, value_range) for im in images], params)
 
     if outputs is not None:
@@ -328,18 +331,15 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
 
     def model_outputs():
         images = ahead(slices(), name=f"panoptem-read-{axis}")
-        fn, items = (forward_batch, _chunks(images, batch)) if batch > 1 else (forward, images)
+        groups = _chunks(images, batch)
         if workers > 1:
-            results = ordered_map(fn, items, workers, name=f"panoptem-model-{axis}",
+            results = ordered_map(forward, groups, workers, name=f"panoptem-model-{axis}",
                                   initializer=lambda: torch.set_num_threads(share))
         else:
-            results = map(fn, items)
+            results = map(forward, groups)
         try:
-            if batch > 1:
-                for outs in results:
-                    yield from outs
-            else:
-                yield from results
+            for outs in results:
+                yield from outs
         finally:  # stops the pool's threads (ordered_map) and the read-ahead thread
             if hasattr(results, "close"):
                 results.close()
