@@ -19,6 +19,10 @@ quantized v1 case runs panoptem's int8 export of the same float file in both pro
     .venv/bin/python benchmarks/side_by_side.py --anchor-dir /path/outside/repo
     .venv/bin/python benchmarks/side_by_side.py --cases 2d-v1 stack-mini --repeat 3
     .venv/bin/python benchmarks/side_by_side.py --int8     # panoptem int8 against float
+    .venv/bin/python benchmarks/side_by_side.py --cases stack-v1-bf16 ortho-v1-bf16  # opt-in
+
+The ``-bf16`` cases run panoptem with ``precision="bfloat16"`` (an opt-in that changes the
+numbers) against the original in float32.
 """
 
 from __future__ import annotations
@@ -54,7 +58,16 @@ CASES = {
     "stack-mini": ("mini", "stack", {}),
     "ortho-v1": ("v1", "ortho", {}),
     "ortho-mini": ("mini", "ortho", {}),
+    # panoptem's opt-in bfloat16 against the original's float32 (its only precision)
+    "2d-v1-bf16": ("v1", "2d", {"precision": "bfloat16"}),
+    "2d-mini-bf16": ("mini", "2d", {"precision": "bfloat16"}),
+    "stack-v1-bf16": ("v1", "stack", {"precision": "bfloat16"}),
+    "stack-mini-bf16": ("mini", "stack", {"precision": "bfloat16"}),
+    "ortho-v1-bf16": ("v1", "ortho", {"precision": "bfloat16"}),
+    "ortho-mini-bf16": ("mini", "ortho", {"precision": "bfloat16"}),
 }
+#: the cases run by default: the original's own modes, panoptem in float32 or int8
+DEFAULT_CASES = [c for c, (_, _, opts) in CASES.items() if "precision" not in opts]
 
 
 def _peak_rss_mb() -> float:
@@ -71,7 +84,7 @@ def run_panoptem(args) -> None:
 
     cfg = yaml.safe_load(Path(args.config).read_text())
     data = np.load(args.input)
-    engine = Engine2D(cfg, "cpu", quantized=args.quantized)
+    engine = Engine2D(cfg, "cpu", quantized=args.quantized, precision=args.precision)
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -143,6 +156,7 @@ def run_case(name: str, args, work: Path) -> dict:
     orig_cmd = [str(anchor / "venv" / "bin" / "python"), str(ORIGINAL / "anchor_run.py"), str(data),
                 "--mode", mode, *common, *flags, "--out", str(work / "orig.npy"), "--json", str(work / "orig.json")]
     ours_cmd = [sys.executable, __file__, "--ours", mode, "--input", str(data), *common, *flags,
+                "--precision", opts.get("precision", "float32"),
                 "--out", str(work / "ours.npy"), "--json", str(work / "ours.json")]
     env = dict(os.environ, ANCHOR_DIR=str(anchor))
     for cmd in (orig_cmd, ours_cmd):
@@ -199,7 +213,8 @@ def int8_check(args, work: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--anchor-dir", default=os.environ.get("ANCHOR_DIR", str(ROOT.parent.parent / "anchors")))
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="*", default=DEFAULT_CASES, choices=list(CASES),
+                    help="default: all but the -bf16 cases (panoptem's opt-in bfloat16)")
     ap.add_argument("--repeat", type=int, default=2, help="warm runs per case (after one cold run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--image", help="2D input (.npy); default: the anchor's img2d_1024.npy")
@@ -215,6 +230,7 @@ def main() -> None:
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--fine-boundaries", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ours:
         return run_panoptem(args)

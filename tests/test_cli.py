@@ -449,3 +449,27 @@ def test_tiles_commands_round_trip(tmp_path, capsys):
     # tiles are never written over
     assert main(["tiles", "create", str(tmp_path / "big.tif"), str(tiles), "--quiet"]) == 2
     assert "panoptem: error" in capsys.readouterr().err
+
+
+def test_segment3d_bfloat16_and_its_refusals(tmp_path, registered, em_volume_tif, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    outs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / f"{precision}.tif"
+        assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered,
+                     "--quiet", "--min-size", "20", "--precision", precision]) == 0
+        outs[precision] = tifffile.imread(out)
+    assert outs["bfloat16"].shape == (6, 64, 80)
+    fg32, fg16 = outs["float32"] > 0, outs["bfloat16"] > 0
+    assert fg32.any() and (fg32 & fg16).sum() / (fg32 | fg16).sum() > 0.9
+    capsys.readouterr()
+    for extra, match in [(["--quantized"], "either the quantized"),
+                         (["--blocks"], "one device only: drop --blocks"),
+                         (["--devices", "cpu,cpu"], "one device only: drop --devices")]:
+        out = tmp_path / ("o.zarr" if "--blocks" in extra else "o.tif")
+        rc = main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered,
+                   "--precision", "bfloat16", *extra])
+        assert rc == 2 and match in capsys.readouterr().err, extra
+        assert not out.exists()

@@ -220,3 +220,64 @@ def test_weight_bytes_are_counted_before_freezing():
             raise RuntimeError("this module has no state dict")
 
     assert loading.float_weight_bytes(NoStateDict()) == 0
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU has native bfloat16, so no emulation warning (the numbers are the
+    same either way: only the speed differs)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+
+
+def test_bfloat16_is_an_opt_in_that_agrees_with_float(native_bf16, lucchi_image):
+    from panoptem.evaluation import evaluate
+    from panoptem.inference.engine import Engine2D
+
+    fast = loading.load_model("panoptem_mito_small")
+    bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16")
+    assert fast.precision == "float32" and bf16.precision == "bfloat16"
+    assert isinstance(bf16.module, loading.ReducedPrecision) and not bf16.optimized
+    assert bf16.weight_bytes == fast.weight_bytes
+    # cached apart from the float model, and reused
+    assert loading.load_model("panoptem_mito_small", precision="bfloat16").module is bf16.module
+    assert loading.load_model("panoptem_mito_small").module is fast.module
+    assert {m.precision for m in loading.cached_models()} == {"float32", "bfloat16"}
+
+    x = _em_input()
+    with torch.inference_mode():
+        want, got = fast.module(x, 2, False), bf16.module(x, 2, False)
+    for key in ("sem_logits", "ctr_hmp", "offsets"):
+        assert got[key].dtype == torch.float32 and got[key].shape == want[key].shape
+    assert not torch.equal(want["sem_logits"], got["sem_logits"])  # bfloat16 did run
+    assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.99
+
+    image = lucchi_image[:512, :512]
+    labels32 = Engine2D("panoptem_mito_small").segment(image)
+    labels16 = Engine2D("panoptem_mito_small", precision="bfloat16").segment(image)
+    m = evaluate(labels16, labels32)
+    assert m.n_gt > 10 and m.fg_iou >= 0.98 and m.f1 >= 0.95, m
+
+
+def test_bfloat16_refusals(tiny_pth, monkeypatch):
+    config = make_config(model=str(tiny_pth))
+    with pytest.raises(PanoptemError, match="Unknown precision 'float16'.*float32, bfloat16"):
+        loading.load_model(config, precision="float16")
+    with pytest.raises(PanoptemError, match="either the quantized .* or bfloat16"):
+        loading.load_model(config, quantized=True, precision="bfloat16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16.*slower than float32"):
+        loaded = loading.load_model(config, precision="bfloat16")
+    assert loaded.precision == "bfloat16"
+    assert loading.cached_models()[-1].precision == "bfloat16"
+
+
+def test_bfloat16_model_with_non_finite_outputs_is_refused(native_bf16):
+    class Overflow(torch.nn.Module):  # finite in float32, infinite once cast to bfloat16
+        def forward(self, x, render_steps: int, interpolate_ins: bool):
+            big = torch.full_like(x, 3e38) @ torch.ones(x.shape[-1], x.shape[-1])
+            return {"sem_logits": big, "ctr_hmp": x, "offsets": torch.cat([x, x], 1)}
+
+    module = torch.jit.script(Overflow()).eval()
+    with pytest.raises(PanoptemError, match="'sem_logits' output is not finite in bfloat16"):
+        loading.prepare_reduced_precision(module, torch.device("cpu"), 16, torch.bfloat16)

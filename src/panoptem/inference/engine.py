@@ -142,17 +142,22 @@ class Engine2D:
         "cpu", "cuda", "cuda:1", ...
     quantized : bool
         Use the config's int8 model on CPU when it has one.
+    progress : Progress, optional
+        Receives the model download's progress.
+    precision : str
+        "float32" (default) or "bfloat16", an opt-in that runs the model under autocast
+        (see :func:`panoptem.loading.load_model`); not with ``quantized``.
     """
 
     def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, precision: str = "float32") -> None:
         from panoptem.loading import LoadedModel, load_model
 
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
             self.loaded = load_model(model, device=device, quantized=quantized,
-                                     progress=progress)
+                                     progress=progress, precision=precision)
         #: The registered name of the model ("" when given as a config or a loaded model).
         self.model_name = model if isinstance(model, str) else ""
         cfg = self.loaded.config

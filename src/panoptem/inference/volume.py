@@ -185,11 +185,13 @@ class Engine3D:
 
     Parameters
     ----------
-    model, device, quantized : as :class:`~panoptem.inference.engine.Engine2D`
+    model, device, quantized, precision : as :class:`~panoptem.inference.engine.Engine2D`
     """
 
-    def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False) -> None:
-        self.engine2d = model if isinstance(model, Engine2D) else Engine2D(model, device, quantized)
+    def __init__(self, model="MitoNet_v1", device="cpu", quantized: bool = False,
+                 precision: str = "float32") -> None:
+        self.engine2d = (model if isinstance(model, Engine2D)
+                         else Engine2D(model, device, quantized, precision=precision))
         cfg = self.engine2d.config
         self.class_names = {int(k): str(v) for k, v in cfg["class_names"].items()}
         self.labels = [int(c) for c in cfg.get("labels", self.class_names)]
