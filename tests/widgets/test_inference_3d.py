@@ -336,6 +336,8 @@ def test_cancel_stops_a_running_job(
         ("rgb", "is a 2D RGB image, not a volume"),
         ("bool", "dtype bool; give integer or float grayscale data"),
         ("5d", "3D Inference needs a volume (Z, Y, X)"),
+        ("bf16_quantized", "'Use bfloat16' does not go together with 'Use quantized model'"),
+        ("bf16_blocks", "'Use bfloat16' does not go together with 'Run block-wise'"),
     ],
 )
 def test_bad_input_is_a_notification(
@@ -364,6 +366,10 @@ def test_bad_input_is_a_notification(
     elif case == "no_layer":
         viewer.layers.clear()
         values = {}
+    elif case == "bf16_quantized":
+        values.update(use_bfloat16=True, use_quantized=True)
+    elif case == "bf16_blocks":
+        values.update(use_bfloat16=True, run_blockwise=True)
     assert start(w, **values) is None
     assert any(level == "error" and message in text for level, text in notifications)
     assert len(viewer.layers) == (0 if case == "no_layer" else 1)
@@ -574,3 +580,23 @@ def test_block_wise_needs_a_directory_and_no_multi_gpu(make_widget, notification
     assert any("choose a Directory" in t for t in errors), errors
     assert any("does not parse" in t for t in errors), errors
     assert len(viewer.layers) == 1
+
+
+def test_use_bfloat16_runs_the_float_model_in_bfloat16(make_widget, wait_job, em_volume,
+                                                      registered_model, monkeypatch):
+    import torch
+
+    from panoptem import loading
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    viewer, w = make_widget()
+    vol = np.ascontiguousarray(em_volume[:8, :64, :64])
+    assert w.use_bfloat16.text == "Use bfloat16" and w.use_bfloat16.value is False
+    job = wait_job(start(w, image_layer=viewer.add_image(vol, name="vol"), use_bfloat16=True,
+                         orthoplane=False, min_size=50, min_extent=2), timeout=600_000)
+    assert job.error is None
+    got = viewer.layers["vol-mito-prediction"].data > 0
+    assert {m.precision for m in loading.cached_models()} == {"bfloat16"}
+    want = np.asarray(headless(registered_model, vol, min_size=50, min_extent=2)
+                      .classes["mito"]) > 0
+    assert want.any() and (want & got).sum() / (want | got).sum() > 0.9
