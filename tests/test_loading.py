@@ -273,7 +273,7 @@ def test_bfloat16_refusals(tiny_pth, monkeypatch):
 
 
 def test_bfloat16_model_with_non_finite_outputs_is_refused(native_bf16):
-    class Overflow(torch.nn.Module):  # finite in float32, infinite once cast to bfloat16
+    class Overflow(torch.nn.Module):  # its semantic logits overflow to infinity
         def forward(self, x, render_steps: int, interpolate_ins: bool):
             big = torch.full_like(x, 3e38) @ torch.ones(x.shape[-1], x.shape[-1])
             return {"sem_logits": big, "ctr_hmp": x, "offsets": torch.cat([x, x], 1)}
