@@ -242,6 +242,9 @@ def test_bfloat16_is_an_opt_in_that_agrees_with_float(native_bf16, lucchi_image)
     assert loading.load_model("panoptem_mito_small", precision="bfloat16").module is bf16.module
     assert loading.load_model("panoptem_mito_small").module is fast.module
     assert {m.precision for m in loading.cached_models()} == {"float32", "bfloat16"}
+    # frozen (no parameters left) unless optimize=False, which keeps the file's module
+    plain16 = loading.load_model("panoptem_mito_small", precision="bfloat16", optimize=False)
+    assert not list(bf16.module.module.parameters()) and list(plain16.module.module.parameters())
 
     x = _em_input()
     with torch.inference_mode():

@@ -241,6 +241,21 @@ def _smoke_test(module: Any, padding_factor: int) -> None:
         raise RuntimeError(f"the model does not return the outputs {', '.join(_OUTPUT_KEYS)}")
 
 
+def _check_image(device: torch.device, padding_factor: int) -> torch.Tensor:
+    """The random test image a prepared model is checked on: about 64 x 64, in whole
+    padding units, the same every time."""
+    import torch
+
+    # small: the check sets the peak memory of a whole run. At 512 x 512 (the four padding
+    # units used before, for MitoNet_v1_mini) a mini 3D run peaked at 1040 MB, at 256 x 256
+    # MitoNet_v1's at 910 MB. At 64 x 64 (128 x 128 for mini) and one step, PointRend
+    # refines all 1024 (4096) cells of its grid: with more cells than its 8192 points, ties
+    # in the uncertainty can pick other points
+    unit = int(padding_factor)
+    size = unit * max(1, -(-64 // unit))
+    return torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def prepare_for_inference(module: Any, device: torch.device, padding_factor: int) -> tuple[Any, bool]:
     """A frozen, device-optimised copy of ``module``, or ``module`` itself if that fails.
 
@@ -255,14 +270,7 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prepared = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
-            # small: the check sets the peak memory of a whole run. At 512 x 512 (the four
-            # padding units used before, for MitoNet_v1_mini) a mini 3D run peaked at
-            # 1040 MB, at 256 x 256 MitoNet_v1's at 910 MB. At 64 x 64 (128 x 128 for mini)
-            # and one step, PointRend refines all 1024 (4096) cells of its grid: with more
-            # cells than its 8192 points, ties in the uncertainty can pick other points
-            unit = int(padding_factor)
-            size = unit * max(1, -(-64 // unit))
-            x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+            x = _check_image(device, padding_factor)
             with torch.inference_mode():
                 want, got = module(x, 1, False), prepared(x, 1, False)
             for key in _OUTPUT_KEYS:
@@ -329,25 +337,24 @@ def check_precision(precision: str, device: torch.device, quantized: bool) -> No
 
 
 def prepare_reduced_precision(module: Any, device: torch.device, padding_factor: int,
-                              dtype: Any) -> ReducedPrecision:
-    """The frozen ``module`` (or ``module`` itself if it cannot be frozen) run under
-    autocast in ``dtype``. Raises PanoptemError if its outputs on a small test image are
-    not finite. ``optimize_for_inference`` is not applied: under bfloat16 autocast its
-    oneDNN graph crashes the process (torch 2.13, CPU)."""
+                              dtype: Any, freeze: bool = True) -> ReducedPrecision:
+    """``module`` run under autocast in ``dtype``: frozen with ``freeze`` (as loaded if it
+    cannot be frozen). Raises PanoptemError if its outputs on the check image are not
+    finite. ``optimize_for_inference`` is not applied: under bfloat16 autocast its oneDNN
+    graph crashes the process (torch 2.13, CPU)."""
     import torch
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            frozen = torch.jit.freeze(module.eval())
-    except Exception:  # a module that cannot be frozen runs as loaded
-        frozen = module
+    frozen = module
+    if freeze:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frozen = torch.jit.freeze(module.eval())
+        except Exception:  # a module that cannot be frozen runs as loaded
+            pass
     wrapped = ReducedPrecision(frozen, device.type, dtype)
-    unit = int(padding_factor)
-    size = unit * max(1, -(-64 // unit))
-    x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        out = wrapped(x, 1, False)
+        out = wrapped(_check_image(device, padding_factor), 1, False)
     for key in _OUTPUT_KEYS:
         if key not in out or not bool(torch.isfinite(out[key]).all()):
             raise PanoptemError(
@@ -414,10 +421,10 @@ def _load_cached(
             import torch
 
             module = prepare_reduced_precision(module, device, padding_factor,
-                                               getattr(torch, precision))
-            release_free_memory()
+                                               getattr(torch, precision), freeze=optimize)
         elif optimize:
             module, optimized = prepare_for_inference(module, device, padding_factor)
+        if optimize or precision != "float32":
             release_free_memory()  # the copies that freezing and optimising went through
         _model_cache[key] = (signature, module, optimized, nbytes)
         return module, path, optimized, nbytes
@@ -452,7 +459,8 @@ def load_model(
         Receives download progress.
     optimize : bool
         Prepare a float model for inference (frozen and optimised for the device, see
-        :func:`prepare_for_inference`); False uses the file's module as it is.
+        :func:`prepare_for_inference`; in bfloat16 frozen only); False uses the file's
+        module as it is.
     precision : str
         ``"float32"`` (default, the file's own numbers) or ``"bfloat16"``: the float model,
         frozen, runs under autocast in bfloat16 (:class:`ReducedPrecision`). Opt-in: faster
