@@ -1,0 +1,173 @@
+"""PointRend's first point-head layer applied before sampling, in a frozen TorchScript graph.
+
+PointRend refines the most uncertain points of the upsampled logits with a small MLP (1-D
+convolutions with kernel 1). Its input is the decoder features sampled at the points,
+concatenated with the coarse logits there. The first layer's weights on the features,
+``W_f``, act linearly, and so does grid sampling (for every mode and padding, each output
+is a fixed combination of input pixels, the same for every channel):
+``W_f sample(F) == sample(W_f F)``. Where the feature map has fewer pixels than there are
+points to refine, :func:`rewrite_point_heads` makes the first layer apply ``W_f`` to the map
+(a 1 x 1 convolution) and sample the result, and add the coarse logits' part on its own.
+Elsewhere the file's own layer runs; the choice is made per call, from the sizes.
+
+An ortho-plane slice of 64 x 256 has a 16 x 64 map for 4096 and then 8192 points, so its
+first layer does about an eighth of the work. The outputs equal the file's to float32
+rounding (about 1e-5 on the logits).
+
+The pattern is the point head of empanada's ``StandardPointHead`` as scripted in the
+released MitoNet files and in panoptem's own exports (``num_fc`` 3, the coarse prediction at
+every layer, ``point_sample`` on 3-D coordinates). A graph without it, or with a 1-D
+convolution that is not point-wise, computes what it did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["rewrite_point_heads"]
+
+_HEAD = """
+  %l0 : Tensor[] = prim::ListConstruct(%fine, %coarse)
+  %x0 : Tensor = aten::cat(%l0, %dim)
+  %y0 : Tensor = aten::conv1d(%x0, %w0, %b0, %s, %p, %s, %g)
+  %r0 : Tensor = aten::relu_(%y0)
+  %l1 : Tensor[] = prim::ListConstruct(%r0, %coarse)
+  %x1 : Tensor = aten::cat(%l1, %dim)
+  %y1 : Tensor = aten::conv1d(%x1, %w1, %b1, %s, %p, %s, %g)
+  %r1 : Tensor = aten::relu_(%y1)
+  %l2 : Tensor[] = prim::ListConstruct(%r1, %coarse)
+  %x2 : Tensor = aten::cat(%l2, %dim)
+  %y2 : Tensor = aten::conv1d(%x2, %w2, %b2, %s, %p, %s, %g)
+  %r2 : Tensor = aten::relu_(%y2)
+  %l3 : Tensor[] = prim::ListConstruct(%r2, %coarse)
+  %x3 : Tensor = aten::cat(%l3, %dim)
+  %out : Tensor = aten::conv1d(%x3, %wp, %bp, %s, %p, %s, %g)
+  return (%out)
+"""
+
+_INPUTS = ("%features, %grid, %mode, %pad, %ac, %sq, %coarse, %dim, "
+           "%w0, %b0, %w1, %b1, %w2, %b2, %wp, %bp, %s, %p, %g")
+
+# the fine-grained features sampled at the points (point_sample with 3-D coordinates), then
+# the head
+_PATTERN = f"""
+graph({_INPUTS}):
+  %smp : Tensor = aten::grid_sampler(%features, %grid, %mode, %pad, %ac)
+  %fine : Tensor = aten::squeeze(%smp, %sq)
+{_HEAD}"""
+
+
+# the first layer: projected, then sampled, where the feature map has fewer pixels than there
+# are points; otherwise the file's own concatenation and convolution
+_REPLACEMENT = f"""
+graph({_INPUTS}):
+  %zero : int = prim::Constant[value=0]()
+  %one : int = prim::Constant[value=1]()
+  %two : int = prim::Constant[value=2]()
+  %three : int = prim::Constant[value=3]()
+  %none : NoneType = prim::Constant()
+  %fh : int = aten::size(%features, %two)
+  %fw : int = aten::size(%features, %three)
+  %pixels : int = aten::mul(%fh, %fw)
+  %points : int = aten::size(%grid, %one)
+  %project_first : bool = aten::lt(%pixels, %points)
+  %y0 : Tensor = prim::If(%project_first)
+    block0():
+      %fc : int = aten::size(%w0, %zero)
+      %fcc : int = aten::size(%w1, %one)
+      %c : int = aten::sub(%fcc, %fc)
+      %negc : int = aten::neg(%c)
+      %wf : Tensor = aten::slice(%w0, %one, %zero, %negc, %one)
+      %wc : Tensor = aten::slice(%w0, %one, %negc, %none, %one)
+      %wf2v : Tensor = aten::unsqueeze(%wf, %three)
+      %wf2 : Tensor = aten::contiguous(%wf2v, %zero)
+      %wcc : Tensor = aten::contiguous(%wc, %zero)
+      %ones : int[] = prim::ListConstruct(%one, %one)
+      %zeros : int[] = prim::ListConstruct(%zero, %zero)
+      %proj : Tensor = aten::conv2d(%features, %wf2, %none, %ones, %zeros, %ones, %one)
+      %psmp : Tensor = aten::grid_sampler(%proj, %grid, %mode, %pad, %ac)
+      %pfine : Tensor = aten::squeeze(%psmp, %sq)
+      %cterm : Tensor = aten::conv1d(%coarse, %wcc, %b0, %s, %p, %s, %g)
+      %ya : Tensor = aten::add_(%pfine, %cterm, %one)
+      -> (%ya)
+    block1():
+      %smp : Tensor = aten::grid_sampler(%features, %grid, %mode, %pad, %ac)
+      %fine : Tensor = aten::squeeze(%smp, %sq)
+      %l0 : Tensor[] = prim::ListConstruct(%fine, %coarse)
+      %x0 : Tensor = aten::cat(%l0, %dim)
+      %yb : Tensor = aten::conv1d(%x0, %w0, %b0, %s, %p, %s, %g)
+      -> (%yb)
+  %r0 : Tensor = aten::relu_(%y0)
+{_HEAD.split("%r0 : Tensor = aten::relu_(%y0)", 1)[1]}"""
+
+
+def _walk(block: Any):
+    for node in block.nodes():
+        yield node
+        for sub in node.blocks():
+            yield from _walk(sub)
+
+
+def _constant(value: Any) -> Any:
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
+
+
+def _pointwise_conv1d_only(graph: Any) -> bool:
+    """Every ``aten::conv1d`` in ``graph`` has a frozen weight with kernel 1, stride 1, no
+    padding, dilation 1 and one group: the only case in which the projection is exact."""
+    import torch
+
+    for node in _walk(graph.block()):
+        if node.kind() != "aten::conv1d":
+            continue
+        weight, _, stride, padding, dilation, groups = (
+            _constant(node.inputsAt(i)) for i in range(1, 7))
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 3 and weight.shape[2] == 1
+                and list(stride or []) == [1] and list(padding or []) == [0]
+                and list(dilation or []) == [1] and groups == 1):
+            return False
+    return True
+
+
+def _fold_point_coordinate_rank(graph: Any) -> None:
+    """``aten::dim`` of a tensor made by ``aten::zeros``/``empty`` from a list of sizes is
+    that list's length: fold it, so that the ``point_coords.dim() == 3`` branches of
+    point_sample disappear and the sampling is a straight line the pattern can match."""
+    found = []
+    for node in _walk(graph.block()):
+        if node.kind() != "aten::dim":
+            continue
+        source = node.input().node()
+        if (source.kind() in ("aten::zeros", "aten::empty")
+                and source.inputsAt(0).node().kind() == "prim::ListConstruct"):
+            found.append((node, len(list(source.inputsAt(0).node().inputs()))))
+    for node, rank in found:
+        graph.setInsertPoint(node)
+        node.output().replaceAllUsesWith(graph.insertConstant(rank))
+    # leave no insert point on a node that dead-code elimination may remove
+    graph.setInsertPoint(graph.block())
+
+
+def rewrite_point_heads(frozen: Any) -> int:
+    """Replace the PointRend point heads in ``frozen`` (a module from ``torch.jit.freeze``)
+    in place; return how many were replaced. With 0 the graph computes what it did: it is
+    untouched if it has no point-wise 1-D convolutions, else at most simplified."""
+    import torch
+
+    graph = frozen.graph
+    if not _count(graph, "aten::conv1d") or not _pointwise_conv1d_only(graph):
+        return 0
+    _fold_point_coordinate_rank(graph)
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+    before = _count(graph, "aten::grid_sampler")
+    torch._C._jit_pass_custom_pattern_based_rewrite_graph(_PATTERN, _REPLACEMENT, graph)
+    # split the first layer's weight now, into contiguous constants (oneDNN cannot take
+    # views of the weights optimize_for_inference converts)
+    torch._C._jit_pass_constant_propagation(graph)
+    return _count(graph, "aten::grid_sampler") - before
+
+
+def _count(graph: Any, kind: str) -> int:
+    return sum(node.kind() == kind for node in _walk(graph.block()))

@@ -1,0 +1,130 @@
+"""The PointRend point-head rewrite of a frozen model (panoptem._point_head_graph).
+
+The rewritten first layer has two branches, chosen per call: the feature map projected
+and then sampled (fewer map pixels than points), or the file's own concatenation and
+convolution. Both must give the file's outputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from modelfiles import JIT_DEPRECATION, Tiny
+from panoptem import loading
+from panoptem._point_head_graph import rewrite_point_heads
+from panoptem.models.point_rend import PointRendSemSegHead
+
+pytestmark = [pytest.mark.filterwarnings(JIT_DEPRECATION), pytest.mark.usefixtures("home")]
+
+
+def _projected_first(module, *args) -> bool:
+    """Whether a call ran the projected branch: its first layer then convolves the coarse
+    logits alone, an input of one channel and one row (1, 1, 1, points) once torch has made
+    the 1-D convolution 2-D."""
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+        module(*args)
+    inputs = [e.input_shapes[0] for e in prof.events() if "conv" in e.name and e.input_shapes]
+    assert any(len(s) == 4 and s[2] == 1 for s in inputs), "no point head ran"
+    return any(len(s) == 4 and s[1] == 1 and s[2] == 1 for s in inputs)
+
+
+def _normalised(image) -> torch.Tensor:
+    x = torch.from_numpy(image.astype("float32") / 255.0)
+    return ((x - 0.57571) / 0.12765)[None, None]
+
+
+@pytest.mark.parametrize("size, projected", [(128, True), (384, False)])
+def test_bundled_model_rewritten_gives_the_files_outputs(lucchi_image, size, projected):
+    """On a real EM crop: 128 x 128 has a 32 x 32 feature map for 4096 and 8192 points
+    (projected); 384 x 384 has 96 x 96 = 9216 pixels for 8192 points (the file's layer)."""
+    plain = loading.load_model("panoptem_mito_small", optimize=False).module
+    frozen = torch.jit.freeze(plain.eval())
+    assert rewrite_point_heads(frozen) == 1
+    x = _normalised(lucchi_image[:size, :size])
+    with torch.inference_mode():
+        want, got = plain(x, 2, True), frozen(x, 2, True)
+    for key in ("sem_logits", "ctr_hmp", "offsets"):
+        assert torch.allclose(want[key], got[key], atol=1e-4), key
+    assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.999
+    assert _projected_first(frozen, x, 2, True) is projected
+
+
+def test_prepared_models_carry_the_rewrite(monkeypatch):
+    """load_model's prepared float model and its bfloat16 one both have it; the file's
+    module (optimize=False) does not."""
+    def samplers(module) -> int:
+        return len(module.graph.findAllNodes("aten::grid_sampler", True))
+
+    plain = loading.load_model("panoptem_mito_small", optimize=False).module
+    fast = loading.load_model("panoptem_mito_small").module
+    assert samplers(torch.jit.freeze(plain.eval())) == 2  # coarse logits and features
+    assert samplers(fast) == 3  # the features once more, in the projected branch
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # no warning
+    bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16").module
+    assert samplers(bf16.module) == 3
+
+
+class _Render(nn.Module):
+    """PointRend inference alone, as panoptem's models script it."""
+
+    def __init__(self, num_points: int, kernel: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = PointRendSemSegHead(8, 1, subdivision_num_points=num_points)
+        if kernel != 1:  # a point head of the same pattern that is not point-wise
+            for layer in self.head.point_head.fc_layers:
+                layer[0] = nn.Conv1d(9, 8, kernel, padding=kernel // 2)
+            self.head.point_head.predictor = nn.Conv1d(9, 1, kernel, padding=kernel // 2)
+        for p in self.head.parameters():
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, coarse: torch.Tensor, features: torch.Tensor, steps: int) -> torch.Tensor:
+        return self.head.render(coarse, features, steps)
+
+
+@pytest.mark.parametrize("num_points, projected", [(128, True), (16, False)])
+def test_both_branches_equal_the_scripted_render(num_points, projected):
+    """An 8 x 8 feature map (64 pixels): 128 points per step project first, 16 do not."""
+    render = _Render(num_points).eval()
+    coarse, features = torch.randn(2, 1, 8, 8), torch.randn(2, 8, 8, 8)
+    frozen = torch.jit.freeze(torch.jit.script(render))
+    assert rewrite_point_heads(frozen) == 1
+    with torch.inference_mode():
+        want, got = render(coarse, features, 2), frozen(coarse, features, 2)
+    assert got.shape == (2, 1, 32, 32)
+    assert torch.allclose(want, got, atol=1e-5)
+    assert _projected_first(frozen, coarse, features, 2) is projected
+
+
+def test_graphs_it_does_not_cover_are_left_as_they_are():
+    render = _Render(128, kernel=3).eval()
+    frozen = torch.jit.freeze(torch.jit.script(render))
+    before = str(frozen.graph)
+    assert rewrite_point_heads(frozen) == 0
+    assert str(frozen.graph) == before
+    coarse, features = torch.randn(1, 1, 8, 8), torch.randn(1, 8, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(render(coarse, features, 2), frozen(coarse, features, 2), atol=1e-6)
+
+    tiny = torch.jit.freeze(torch.jit.script(Tiny()).eval())
+    before = str(tiny.graph)
+    assert rewrite_point_heads(tiny) == 0 and str(tiny.graph) == before
+
+
+def test_a_rewrite_that_fails_leaves_the_frozen_model_without_it(monkeypatch):
+    def fail(frozen):
+        raise RuntimeError("pattern rewriting is not supported here")
+
+    monkeypatch.setattr(loading, "rewrite_point_heads", fail)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot be prepared" warning either
+        fast = loading.load_model("panoptem_mito_small")
+        bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16")
+    assert fast.optimized and not list(fast.module.parameters())  # still frozen, optimised
+    assert len(fast.module.graph.findAllNodes("aten::grid_sampler", True)) == 2
+    assert len(bf16.module.module.graph.findAllNodes("aten::grid_sampler", True)) == 2
