@@ -274,11 +274,11 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
     """A frozen, device-optimised copy of ``module``, or ``module`` itself if that fails.
 
     The copy's PointRend point heads are rewritten (:mod:`panoptem._point_head_graph`); a
-    copy that cannot be, or that then fails the check, is made again without. The copy is checked against the module on a small random
-    test image (about 64 x 64, in whole padding units) with one PointRend step and without
-    fine boundaries, so that every cell is refined and no point selection can flip on ties;
-    outputs that differ by more than 1e-3 count as a failure. Returns
-    ``(module, optimized)``.
+    copy that cannot be, or that then fails the check, is made again without. The copy is
+    checked against the module on a small random test image (about 64 x 64, in whole
+    padding units) with one PointRend step and without fine boundaries, so that every cell
+    is refined and no point selection can flip on ties; outputs that differ by more than
+    1e-3 count as a failure. Returns ``(module, optimized)``.
     """
     import torch
 
@@ -358,9 +358,10 @@ def check_precision(precision: str, device: torch.device, quantized: bool) -> No
 def prepare_reduced_precision(module: Any, device: torch.device, padding_factor: int,
                               dtype: Any, freeze: bool = True) -> ReducedPrecision:
     """``module`` run under autocast in ``dtype``: frozen with ``freeze``, its point heads
-    rewritten as in :func:`prepare_for_inference` (as loaded if it cannot be frozen). Raises PanoptemError if its outputs on the check image are not
-    finite. ``optimize_for_inference`` is not applied: under bfloat16 autocast its oneDNN
-    graph crashes the process (torch 2.13, CPU)."""
+    rewritten as in :func:`prepare_for_inference` (as loaded if it cannot be frozen).
+    Raises PanoptemError if its outputs on the check image are not finite.
+    ``optimize_for_inference`` is not applied: under bfloat16 autocast its oneDNN graph
+    crashes the process (torch 2.13, CPU)."""
     import torch
 
     frozen = module
