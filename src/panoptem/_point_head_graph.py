@@ -26,24 +26,24 @@ from typing import Any
 
 __all__ = ["rewrite_point_heads"]
 
-_HEAD = """
+_FIRST_LAYER = """
   %l0 : Tensor[] = prim::ListConstruct(%fine, %coarse)
   %x0 : Tensor = aten::cat(%l0, %dim)
-  %y0 : Tensor = aten::conv1d(%x0, %w0, %b0, %s, %p, %s, %g)
-  %r0 : Tensor = aten::relu_(%y0)
-  %l1 : Tensor[] = prim::ListConstruct(%r0, %coarse)
-  %x1 : Tensor = aten::cat(%l1, %dim)
-  %y1 : Tensor = aten::conv1d(%x1, %w1, %b1, %s, %p, %s, %g)
-  %r1 : Tensor = aten::relu_(%y1)
-  %l2 : Tensor[] = prim::ListConstruct(%r1, %coarse)
-  %x2 : Tensor = aten::cat(%l2, %dim)
-  %y2 : Tensor = aten::conv1d(%x2, %w2, %b2, %s, %p, %s, %g)
-  %r2 : Tensor = aten::relu_(%y2)
-  %l3 : Tensor[] = prim::ListConstruct(%r2, %coarse)
-  %x3 : Tensor = aten::cat(%l3, %dim)
-  %out : Tensor = aten::conv1d(%x3, %wp, %bp, %s, %p, %s, %g)
-  return (%out)
-"""
+  %y0 : Tensor = aten::conv1d(%x0, %w0, %b0, %s, %p, %s, %g)"""
+
+
+def _layer(i: int, weight: str, bias: str, out: str) -> str:
+    """Layer ``i`` >= 1: ReLU of the previous layer, the coarse logits appended, conv1d."""
+    return f"""
+  %r{i - 1} : Tensor = aten::relu_(%y{i - 1})
+  %l{i} : Tensor[] = prim::ListConstruct(%r{i - 1}, %coarse)
+  %x{i} : Tensor = aten::cat(%l{i}, %dim)
+  %{out} : Tensor = aten::conv1d(%x{i}, %{weight}, %{bias}, %s, %p, %s, %g)"""
+
+
+# layers 1 and 2 and the predictor: the same in the pattern and its replacement
+_LATER_LAYERS = (_layer(1, "w1", "b1", "y1") + _layer(2, "w2", "b2", "y2")
+                 + _layer(3, "wp", "bp", "out") + "\n  return (%out)\n")
 
 _INPUTS = ("%features, %grid, %mode, %pad, %ac, %sq, %coarse, %dim, "
            "%w0, %b0, %w1, %b1, %w2, %b2, %wp, %bp, %s, %p, %g")
@@ -53,8 +53,7 @@ _INPUTS = ("%features, %grid, %mode, %pad, %ac, %sq, %coarse, %dim, "
 _PATTERN = f"""
 graph({_INPUTS}):
   %smp : Tensor = aten::grid_sampler(%features, %grid, %mode, %pad, %ac)
-  %fine : Tensor = aten::squeeze(%smp, %sq)
-{_HEAD}"""
+  %fine : Tensor = aten::squeeze(%smp, %sq){_FIRST_LAYER}{_LATER_LAYERS}"""
 
 
 # the first layer: projected, then sampled, where the feature map has fewer pixels than there
@@ -93,12 +92,10 @@ graph({_INPUTS}):
     block1():
       %smp : Tensor = aten::grid_sampler(%features, %grid, %mode, %pad, %ac)
       %fine : Tensor = aten::squeeze(%smp, %sq)
-      %l0 : Tensor[] = prim::ListConstruct(%fine, %coarse)
-      %x0 : Tensor = aten::cat(%l0, %dim)
-      %yb : Tensor = aten::conv1d(%x0, %w0, %b0, %s, %p, %s, %g)
-      -> (%yb)
-  %r0 : Tensor = aten::relu_(%y0)
-{_HEAD.split("%r0 : Tensor = aten::relu_(%y0)", 1)[1]}"""
+      %lb : Tensor[] = prim::ListConstruct(%fine, %coarse)
+      %xb : Tensor = aten::cat(%lb, %dim)
+      %yb : Tensor = aten::conv1d(%xb, %w0, %b0, %s, %p, %s, %g)
+      -> (%yb){_LATER_LAYERS}"""
 
 
 def _walk(block: Any):

@@ -365,16 +365,15 @@ def prepare_reduced_precision(module: Any, device: torch.device, padding_factor:
     import torch
 
     frozen = module
-    if freeze:
+    # with its point heads rewritten; if that fails, without; if freezing fails, as loaded
+    for rewrite in (True, False) if freeze else ():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                try:
-                    frozen = _freeze(module, rewrite=True)
-                except Exception:  # a point head that cannot be rewritten stays as it is
-                    frozen = _freeze(module, rewrite=False)
-        except Exception:  # a module that cannot be frozen runs as loaded
-            pass
+                frozen = _freeze(module, rewrite)
+            break
+        except Exception:
+            continue
     wrapped = ReducedPrecision(frozen, device.type, dtype)
     with torch.inference_mode():
         out = wrapped(_check_image(device, padding_factor), 1, False)
