@@ -11,7 +11,15 @@ from panoptem import registry
 from panoptem.demo import DEMO_MODEL
 from panoptem.evaluation import evaluate
 from panoptem.inference.engine import Engine2D, Params2D
+from panoptem.models.point_rend import (
+    bilinear_taps,
+    calculate_uncertainty,
+    point_sample,
+    sample_rows,
+    uncertain_points_on_grid,
+)
 from panoptem.models.quantize import (
+    Int8PointHead,
     calibration_tensors,
     model_from_torchscript,
     quantize_model,
@@ -26,7 +34,7 @@ BUNDLED_RECIPE = Path(__file__).resolve().parents[1] / "custom_configs" / "bundl
 def _int8_convs(module: torch.jit.ScriptModule) -> int:
     """Number of int8 convolutions in a scripted (sub)module's code, its children included."""
     count = 0
-    for sub in [module, *module.modules()]:
+    for sub in module.modules():  # the module itself first
         try:
             count += sub.code.count("quantized.conv") + sub.code.count("quantized::conv")
         except (RuntimeError, AttributeError):
@@ -53,8 +61,11 @@ def test_int8_export_of_the_bundled_model_agrees_with_float(tmp_path, lucchi_ima
     for head in (int8.semantic_head, int8.ins_center, int8.ins_xy):
         assert _int8_convs(head.head[0]) >= 2
         assert _int8_convs(head.head[1]) == 0
-    # PointRend stays float
+    # PointRend's convolutions stay float; its point MLP is an int8 matrix product on rows
     assert _int8_convs(int8.semantic_pr) == 0
+    layers = [sub for sub in int8.semantic_pr.point_head.modules() if sub.original_name == "Linear"]
+    assert len(layers) == len(model.semantic_pr.point_head.fc_layers)
+    assert all("quantized.linear_dynamic(" in layer.code for layer in layers)
 
     # the file runs through the engine at image sizes it was not traced with
     path = tmp_path / "small_quantized.pth"
@@ -66,3 +77,61 @@ def test_int8_export_of_the_bundled_model_agrees_with_float(tmp_path, lucchi_ima
     assert engine.loaded.quantized and engine.loaded.path == path
     agreement = evaluate(engine.segment(image, Params2D()), float_labels)
     assert agreement.fg_iou >= 0.95 and agreement.f1 >= 0.9
+
+
+def _bundled_float_model():
+    cfg = registry.get_config(DEMO_MODEL)
+    arch = load_training_config(BUNDLED_RECIPE)["MODEL"]
+    return cfg, model_from_torchscript(registry.fetch_file(cfg["model"]), arch)
+
+
+def _decoder_outputs(model, image: np.ndarray, norms: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coarse semantic logits, semantic decoder features) of the float model on an image."""
+    x = torch.from_numpy((image.astype(np.float32) / 255 - norms["mean"]) / norms["std"])[None, None]
+    with torch.no_grad():
+        features, _ = model._decode(x)
+        return model.semantic_head(features), features
+
+
+def test_rows_sampling_equals_point_sample_at_the_render_points(lucchi_image):
+    """bilinear_taps + sample_rows give point_sample's values, as rows, at the cell centres
+    PointRend refines (border cells included, whose taps leave the map) and at the corners."""
+    crops = [lucchi_image[:48, :80], lucchi_image[300:348, 500:580]]
+    maps = torch.from_numpy(np.stack([np.stack([c, 255 - c, c[::-1]]) for c in crops]).astype(np.float32))
+    up = torch.nn.functional.interpolate(maps[:, :1], scale_factor=2.0, mode="bilinear")
+    _, coords = uncertain_points_on_grid(calculate_uncertainty(up - 128), 4 * 48 * 80)  # every cell
+    coords = torch.cat([coords, torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]] * 2)], dim=1)
+    expected = point_sample(maps, coords)  # (2, 3, P)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        features = maps.contiguous(memory_format=layout)
+        indices, weights = bilinear_taps(coords, 48, 80)
+        for i in range(2):
+            rows = sample_rows(features, indices, weights, i)
+            assert rows.shape == (coords.shape[1], 3)
+            torch.testing.assert_close(rows.t(), expected[i], rtol=1e-5, atol=1e-4)
+    # the corner points sample only the corner pixel, a quarter of it
+    assert torch.allclose(rows[-3], maps[1, :, 0, 0] / 4, atol=1e-4)
+
+
+def test_int8_point_head_agrees_with_the_float_head_and_ignores_the_batch(lucchi_image):
+    cfg, model = _bundled_float_model()
+    float_head = model.semantic_pr.point_head
+    int8_head = torch.jit.script(Int8PointHead(float_head))
+    images = [lucchi_image[:256, :256], lucchi_image[400:656, 600:856]]
+    outputs = [_decoder_outputs(model, image, cfg["norms"]) for image in images]
+    coarse = torch.cat([logits for logits, _ in outputs])
+    features = torch.cat([feats for _, feats in outputs])
+    up = torch.nn.functional.interpolate(coarse, scale_factor=2.0, mode="bilinear")
+    _, coords = uncertain_points_on_grid(calculate_uncertainty(up), 2048)
+    with torch.no_grad():
+        expected = float_head.predict(features, coarse, coords)
+        got = int8_head.predict(features, coarse, coords)
+        assert got.shape == expected.shape == (2, 1, 2048)
+        # the uncertain points are near 0 by construction, yet the sign (the mask) agrees
+        assert ((got > 0) == (expected > 0)).float().mean() >= 0.97
+        spread = float(expected.std())
+        assert float((got - expected).abs().mean()) < 0.05 * spread
+        # each image's points are quantized on their own: batch of 2 == each alone
+        for i in range(2):
+            alone = int8_head.predict(features[i:i + 1], coarse[i:i + 1], coords[i:i + 1])
+            assert torch.equal(alone[0], got[i])

@@ -19,6 +19,8 @@ __all__ = [
     "point_sample",
     "uncertain_points_with_randomness",
     "uncertain_points_on_grid",
+    "bilinear_taps",
+    "sample_rows",
     "StandardPointHead",
     "PointRendSemSegHead",
 ]
@@ -48,6 +50,42 @@ def point_sample(features: torch.Tensor, point_coords: torch.Tensor) -> torch.Te
     if squeeze:
         out = out.squeeze(3)
     return out
+
+
+def bilinear_taps(point_coords: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four pixels and weights of bilinear sampling at ``point_coords`` (N, P, 2) on an
+    h x w map, as :func:`point_sample` samples (align_corners=False, zeros outside).
+
+    Returns flat pixel indices (N, P, 4) into h * w and their weights (N, P, 4); a pixel
+    outside the map has weight 0 (and a clamped index). :func:`sample_rows` applies them.
+    """
+    ix = point_coords[..., 0] * w - 0.5
+    iy = point_coords[..., 1] * h - 0.5
+    x0 = torch.floor(ix)
+    y0 = torch.floor(iy)
+    fx = ix - x0
+    fy = iy - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+    gx = 1.0 - fx
+    gy = 1.0 - fy
+    weights = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=-1)
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    weights = weights * inside.to(weights.dtype)
+    indices = ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)
+    return indices, weights
+
+
+def sample_rows(features: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                image: int) -> torch.Tensor:
+    """Image ``image`` of ``features`` (N, C, h, w) sampled at the taps of
+    :func:`bilinear_taps` -> (P, C): one row per point (free of copies when ``features`` is
+    channels-last, as the outputs of int8 convolutions are)."""
+    c = features.shape[1]
+    rows = features[image].permute(1, 2, 0).reshape(-1, c)
+    return F.embedding_bag(indices[image], rows, per_sample_weights=weights[image], mode="sum")
 
 
 def uncertain_points_with_randomness(
@@ -128,6 +166,12 @@ class StandardPointHead(nn.Module):
             x = torch.cat([layer(x), coarse], dim=1)
         return self.predictor(x)
 
+    def predict(self, features: torch.Tensor, coarse: torch.Tensor,
+                point_coords: torch.Tensor) -> torch.Tensor:
+        """Refined logits (N, C, P) at ``point_coords`` (N, P, 2) from the decoder features
+        (N, nin, h, w) and coarse logits (N, C, h', w') sampled there."""
+        return self(point_sample(features, point_coords), point_sample(coarse, point_coords))
+
     def fuse_model(self) -> None:
         for layer in self.fc_layers:
             fuse_sequential(layer, ["0", "1"])
@@ -195,9 +239,7 @@ class PointRendSemSegHead(nn.Module):
             indices, coords = uncertain_points_on_grid(
                 calculate_uncertainty(logits), self.subdivision_num_points
             )
-            point_logits = self.point_head(
-                point_sample(features, coords), point_sample(coarse, coords)
-            )
+            point_logits = self.point_head.predict(features, coarse, coords)
             n, c, h, w = logits.shape
             indices = indices.unsqueeze(1).expand(-1, c, -1)
             logits = logits.reshape(n, c, h * w).scatter_(2, indices, point_logits)

@@ -4,14 +4,15 @@ The ResNet encoder runs in int8 with per-channel weights and activation ranges
 calibrated on real images, and so do the convolution branches of Panoptic-DeepLab's ASPPs
 (in MitoNet_v1 they hold about as much arithmetic as the encoder) and the separable
 conv-BN-ReLU blocks of the decoders and heads (the stride-4 work); the heads' final
-convolutions, the ASPP pooling and projection, BiFPN's SiLU blocks and PointRend stay in
-float. (PointRend's per-point MLP in int8 gained nothing: quantized 1-D convolutions copy
-their input and output to and from a 2-D layout.) panoptem uses PyTorch's FX graph mode on
-those parts (the conv + BatchNorm + ReLU folding, observers and int8 kernels come from
-PyTorch), traces them once converted and scripts the whole model, so the file has the
-released interface ``m(x, render_steps, interpolate_ins)`` and runs through the same engine
-as the float file. Both architectures (Panoptic-DeepLab and BiFPN, with or without
-PointRend) are supported.
+convolutions, the ASPP pooling and projection and BiFPN's SiLU blocks stay in float.
+panoptem uses PyTorch's FX graph mode on those parts (the conv + BatchNorm + ReLU folding,
+observers and int8 kernels come from PyTorch) and traces them once converted.
+PointRend's point MLP becomes an :class:`Int8PointHead`: int8 weights, activations
+quantized per call, points as rows (as int8 1-D convolutions it gained nothing, because
+they copy their input and output to and from a 2-D layout). The whole model is then
+scripted, so the file has the released interface ``m(x, render_steps, interpolate_ins)``
+and runs through the same engine as the float file. Both architectures (Panoptic-DeepLab
+and BiFPN, with or without PointRend) are supported.
 
 The int8 kernels are CPU-only and tied to the backend the file was calibrated for (x86 /
 fbgemm on Intel and AMD, qnnpack on ARM); :mod:`panoptem.loading` falls back to the float
@@ -30,10 +31,12 @@ import torch
 from torch import nn
 
 from panoptem.errors import PanoptemError
+from panoptem.models.point_rend import PointRendSemSegHead, bilinear_taps, sample_rows
 from panoptem.models.torchscript import JIT_DEPRECATION, script_model
 from panoptem.progress import Progress, ensure_progress
 
-__all__ = ["quantize_model", "calibration_tensors", "save_quantized", "model_from_torchscript"]
+__all__ = ["quantize_model", "calibration_tensors", "save_quantized", "model_from_torchscript",
+           "Int8PointHead"]
 
 # torch >= 2.10 marks torch.ao.quantization deprecated in favour of torchao (a further
 # dependency of several hundred MB); the APIs below still work in 2.13 and are silenced here
@@ -90,7 +93,7 @@ def calibration_tensors(images: Iterable[np.ndarray], norms: dict, size: int = 5
 
 def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
                    already_fused: bool = False, progress: Progress | None = None) -> torch.jit.ScriptModule:
-    """Return a scripted copy of ``model`` whose encoder and decoder blocks run in int8.
+    """Return a scripted copy of ``model`` whose encoder, decoder blocks and point MLP run in int8.
 
     Parameters
     ----------
@@ -128,6 +131,7 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
         for parent, name, inputs in branches:
             part = convert_fx(getattr(parent, name))
             setattr(parent, name, torch.jit.trace(part, inputs, strict=False, check_trace=False))
+        _int8_point_heads(work)
         return script_model(work)
 
 
@@ -162,8 +166,8 @@ def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tup
     float arithmetic left once the encoder is int8: the last decoder fusion and the first
     block of each head. Converted, BN is folded into the pointwise convolution and each block
     runs about 3x faster (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1
-    convolutions (the logits, centres and offsets themselves), BiFPN's SiLU blocks and
-    PointRend stay in float. Returns ``(parent, child name, example inputs)`` of each block.
+    convolutions (the logits, centres and offsets themselves) and BiFPN's SiLU blocks stay
+    in float. Returns ``(parent, child name, example inputs)`` of each block.
     """
     from panoptem.models.blocks import SeparableConv2d
 
@@ -177,6 +181,74 @@ def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tup
                 parent[i] = prepare_fx(block, qconfig, inputs)
                 prepared.append((parent, str(i), inputs))
     return prepared
+
+
+class Int8PointHead(nn.Module):
+    """PointRend's point MLP (:class:`~panoptem.models.point_rend.StandardPointHead`) with
+    int8 weights, on points as rows.
+
+    Each layer's weights are split into the part that reads the previous layer (or the
+    sampled features) and the part that reads the coarse logits. The first runs as an int8
+    matrix product with activations quantized per call (``quantized::linear_dynamic``,
+    about 3x faster than the float 1-D convolution at 8192 points), the second, and the
+    final predictor, stay in float. Features and logits are sampled straight into rows
+    (:func:`~panoptem.models.point_rend.sample_rows`), so nothing is transposed or
+    concatenated. The points of each image are quantized on their own, so an image's
+    result does not depend on the others in its batch.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        convs = [next(m for m in layer.modules() if isinstance(m, nn.Conv1d)) for layer in head.fc_layers]
+        classes = head.predictor.out_channels
+        self.layers = nn.ModuleList()
+        coarse = []
+        with torch.no_grad():
+            for conv in convs:
+                weight = conv.weight[:, :, 0]
+                inner = weight[:, :-classes].contiguous()
+                linear = DynamicLinear(inner.shape[1], inner.shape[0], dtype=torch.qint8)
+                scales = inner.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+                packed = torch.quantize_per_channel(inner, scales, torch.zeros_like(scales, dtype=torch.long),
+                                                    0, torch.qint8)
+                linear.set_weight_bias(packed, conv.bias.detach().clone())
+                self.layers.append(linear)
+                coarse.append(weight[:, -classes:])
+            predictor = head.predictor.weight[:, :, 0]
+        self.register_buffer("coarse_weights", torch.stack(coarse).contiguous())
+        self.register_buffer("predictor_inner", predictor[:, :-classes].contiguous())
+        self.register_buffer("predictor_coarse", predictor[:, -classes:].contiguous())
+        self.register_buffer("predictor_bias", head.predictor.bias.detach().clone())
+
+    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Refined logits (P, C) of points given as rows: ``fine`` (P, nin), ``coarse`` (P, C)."""
+        x = fine
+        for i, layer in enumerate(self.layers):
+            x = torch.relu_(torch.addmm(layer(x), coarse, self.coarse_weights[i].t()))
+        out = torch.addmm(self.predictor_bias, x, self.predictor_inner.t())
+        return torch.addmm(out, coarse, self.predictor_coarse.t())
+
+    def predict(self, features: torch.Tensor, coarse: torch.Tensor,
+                point_coords: torch.Tensor) -> torch.Tensor:
+        """As :meth:`StandardPointHead.predict`: logits (N, C, P) at ``point_coords``."""
+        indices, weights = bilinear_taps(point_coords, features.shape[-2], features.shape[-1])
+        if coarse.shape[-2:] == features.shape[-2:]:
+            coarse_indices, coarse_weights = indices, weights
+        else:
+            coarse_indices, coarse_weights = bilinear_taps(point_coords, coarse.shape[-2], coarse.shape[-1])
+        out = [self(sample_rows(features, indices, weights, i),
+                    sample_rows(coarse, coarse_indices, coarse_weights, i)).t()
+               for i in range(point_coords.shape[0])]
+        return torch.stack(out)
+
+
+def _int8_point_heads(model: nn.Module) -> None:
+    """Give every PointRend head of ``model`` an :class:`Int8PointHead` (no calibration:
+    its activations are quantized per call)."""
+    for pr in [m for m in model.modules() if isinstance(m, PointRendSemSegHead)]:
+        pr.point_head = Int8PointHead(pr.point_head)
 
 
 def save_quantized(module: torch.jit.ScriptModule, path) -> None:
