@@ -81,10 +81,10 @@ def bilinear_taps(point_coords: torch.Tensor, h: int, w: int) -> tuple[torch.Ten
 def sample_rows(features: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                 image: int) -> torch.Tensor:
     """Image ``image`` of ``features`` (N, C, h, w) sampled at the taps of
-    :func:`bilinear_taps` -> (P, C): one row per point (free of copies when ``features`` is
-    channels-last, as the outputs of int8 convolutions are)."""
+    :func:`bilinear_taps` -> (P, C): one row per point (no copy of the map is made when
+    ``features`` is channels-last, as the outputs of int8 convolutions are)."""
     c = features.shape[1]
-    rows = features[image].permute(1, 2, 0).reshape(-1, c)
+    rows = features[image].permute(1, 2, 0).reshape(-1, c).contiguous()  # strided: 20x slower
     return F.embedding_bag(indices[image], rows, per_sample_weights=weights[image], mode="sum")
 
 
