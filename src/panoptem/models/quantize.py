@@ -160,27 +160,50 @@ def _prepare_aspp_branches(model: nn.Module, qconfig, prepare_fx) -> list[tuple]
     return prepared
 
 
-def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
-    """Observe every separable conv-BN-ReLU block of the decoders and heads for int8.
-
-    At stride 4 these blocks (5 x 5 depthwise, 1 x 1 pointwise, BN, ReLU) hold most of the
-    float arithmetic left once the encoder is int8: the last decoder fusion and the first
-    block of each head. Converted, BN is folded into the pointwise convolution and each block
-    runs about 3x faster (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1
-    convolutions (the logits, centres and offsets themselves) and BiFPN's SiLU blocks stay
-    in float. Returns ``(parent, child name, example inputs)`` of each block.
-    """
+def _int8_block(block: nn.Module) -> bool:
+    """Whether ``block`` is a convolution + BatchNorm (+ ReLU or SiLU) block left unfolded:
+    ``Sequential(SeparableConv2d or Conv2d, BatchNorm2d[, ReLU or SiLU])``."""
     from panoptem.models.blocks import SeparableConv2d
 
+    return (isinstance(block, nn.Sequential) and len(block) in (2, 3)
+            and isinstance(block[0], (SeparableConv2d, nn.Conv2d))
+            and isinstance(block[1], nn.BatchNorm2d)
+            and (len(block) == 2 or isinstance(block[2], (nn.ReLU, nn.SiLU))))
+
+
+def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
+    """Observe every convolution-BN block of the decoders and heads for int8.
+
+    These are the separable conv-BN-ReLU blocks (5 x 5 depthwise, 1 x 1 pointwise, BN,
+    ReLU) of both architectures' decoders and heads, which hold most of the float arithmetic
+    left at stride 4 once the encoder is int8, and in BiFPN models also the 1 x 1 conv-BN
+    resamplings and the separable conv-BN-SiLU blocks of the pyramid (their SiLU stays
+    float). Converted, BN is folded into the convolution and a block runs about 3x faster
+    (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1 convolutions (the
+    logits, centres and offsets themselves) and the BiFPN decoder's transposed
+    convolutions stay in float. A block shared by several levels (BiFPN's) gets one copy
+    per level, calibrated on that level. Returns ``(parent, child name, example inputs)``
+    of each block.
+    """
+    from torch.fx import GraphModule
+
+    from panoptem.models.blocks import SeparableConv2d
+
+    found = []
+    stack = [model]
+    while stack:  # prepared parts (the encoder, ASPP branches) are GraphModules: not entered
+        parent = stack.pop()
+        for name, child in parent.named_children():
+            if _int8_block(child):
+                found.append((parent, name, child))
+            elif not isinstance(child, GraphModule):
+                stack.append(child)
     prepared = []
-    for parent in [m for m in model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]:
-        for i, block in enumerate(parent):
-            if (isinstance(block, nn.Sequential) and len(block) == 3
-                    and isinstance(block[0], SeparableConv2d)
-                    and isinstance(block[1], nn.BatchNorm2d) and isinstance(block[2], nn.ReLU)):
-                inputs = (torch.zeros(1, block[0].sepconv[0].in_channels, 8, 8),)
-                parent[i] = prepare_fx(block, qconfig, inputs)
-                prepared.append((parent, str(i), inputs))
+    for parent, name, block in found:
+        first = block[0].sepconv[0] if isinstance(block[0], SeparableConv2d) else block[0]
+        inputs = (torch.zeros(1, first.in_channels, 8, 8),)
+        setattr(parent, name, prepare_fx(copy.deepcopy(block), qconfig, inputs))
+        prepared.append((parent, name, inputs))
     return prepared
 
 
