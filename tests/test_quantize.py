@@ -135,3 +135,46 @@ def test_int8_point_head_agrees_with_the_float_head_and_ignores_the_batch(lucchi
         for i in range(2):
             alone = int8_head.predict(features[i:i + 1], coarse[i:i + 1], coords[i:i + 1])
             assert torch.equal(alone[0], got[i])
+
+
+def test_int8_export_of_a_bifpn_model_quantizes_its_pyramid(lucchi_image):
+    """MitoNet_v1_mini's architecture (small): the pyramid's resamplings and SiLU blocks, the
+    decoders' fusions and the heads run in int8 next to the encoder, and the file runs at
+    another size with outputs close to the float model's."""
+    from panoptem.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({
+        "arch": "PanopticBiFPNPR", "encoder": "resnet18", "num_classes": 1, "fpn_dim": 32,
+        "fpn_layers": 2, "ins_decoder": True, "depthwise": True, "num_fc": 2,
+        "train_num_points": 32, "oversample_ratio": 3, "importance_sample_ratio": 0.75,
+        "subdivision_steps": 2, "subdivision_num_points": 1024,
+    }).eval()
+    norms = {"mean": 0.57571, "std": 0.12765}
+    crops = [lucchi_image[y:y + 256, x:x + 256] for y, x in ((0, 0), (256, 512), (512, 256))]
+    int8 = quantize_model(model, calibration_tensors(crops, norms, multiple=128))
+
+    top_down = getattr(int8.semantic_fpn.bifpns, "0").top_down_fpn
+    float_top_down = model.semantic_fpn.bifpns[0].top_down_fpn
+    resamplings = list(zip(float_top_down.resamplings, top_down.resamplings.children(), strict=True))
+    assert sum(not isinstance(f.conv, torch.nn.Identity) for f, _ in resamplings) >= 2
+    for float_resampling, resampling in resamplings:  # 1 x 1 conv + BN where channels change
+        assert (_int8_convs(resampling) >= 1) == (not isinstance(float_resampling.conv, torch.nn.Identity))
+    assert all(_int8_convs(block) >= 2 for block in top_down.after_combines.children())
+    block = getattr(top_down.after_combines, "0")  # its SiLU runs in float
+    assert getattr(block, "2").original_name == "SiLU" and "dequantize" in block.code
+    for decoder in (int8.semantic_decoder, int8.instance_decoder):
+        assert _int8_convs(decoder.fusion) >= 2
+    assert _int8_convs(int8.p2_resample) >= 1
+    assert int8.semantic_pr.point_head.original_name == "Int8PointHead"
+
+    x = calibration_tensors([lucchi_image[:256, :384]], norms, size=384, multiple=128)[0]
+    assert x.shape == (1, 1, 256, 384)  # not the calibration size
+    with torch.no_grad():
+        expected, got = model(x, 2, True), int8(x, 2, True)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+        # the decoders' features (the heads' input; this untrained model's heads are nearly
+        # constant, as initialised) agree with float's
+        for float_features, int8_features in zip(model._decode(x), int8._decode(x), strict=True):
+            pair = torch.stack([int8_features.flatten(), float_features.flatten()])
+            assert float(torch.corrcoef(pair)[0, 1]) > 0.99

@@ -193,7 +193,10 @@ def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tup
     stack = [model]
     while stack:  # prepared parts (the encoder, ASPP branches) are GraphModules: not entered
         parent = stack.pop()
-        for name, child in parent.named_children():
+        # _modules, not named_children(): that yields a block shared by several levels once
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
             if _int8_block(child):
                 found.append((parent, name, child))
             elif not isinstance(child, GraphModule):
