@@ -15,7 +15,7 @@ from torch import nn
 
 from modelfiles import JIT_DEPRECATION, Tiny
 from panoptem import loading
-from panoptem._point_head_graph import rewrite_point_heads
+from panoptem._point_head_graph import onednn_point_convolutions, rewrite_point_heads
 from panoptem.models.point_rend import PointRendSemSegHead
 
 pytestmark = [pytest.mark.filterwarnings(JIT_DEPRECATION), pytest.mark.usefixtures("home")]
@@ -71,14 +71,14 @@ def test_prepared_models_carry_the_rewrite(monkeypatch):
 class _Render(nn.Module):
     """PointRend inference alone, as panoptem's models script it."""
 
-    def __init__(self, num_points: int, kernel: int = 1) -> None:
+    def __init__(self, num_points: int, kernel: int = 1, channels: int = 8) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.head = PointRendSemSegHead(8, 1, subdivision_num_points=num_points)
+        self.head = PointRendSemSegHead(channels, 1, subdivision_num_points=num_points)
         if kernel != 1:  # a point head of the same pattern that is not point-wise
             for layer in self.head.point_head.fc_layers:
-                layer[0] = nn.Conv1d(9, 8, kernel, padding=kernel // 2)
-            self.head.point_head.predictor = nn.Conv1d(9, 1, kernel, padding=kernel // 2)
+                layer[0] = nn.Conv1d(channels + 1, channels, kernel, padding=kernel // 2)
+            self.head.point_head.predictor = nn.Conv1d(channels + 1, 1, kernel, padding=kernel // 2)
         for p in self.head.parameters():
             nn.init.normal_(p, std=0.3)
 
@@ -128,3 +128,60 @@ def test_a_rewrite_that_fails_leaves_the_frozen_model_without_it(monkeypatch):
     assert fast.optimized and not list(fast.module.parameters())  # still frozen, optimised
     assert len(fast.module.graph.findAllNodes("aten::grid_sampler", True)) == 2
     assert len(bf16.module.module.graph.findAllNodes("aten::grid_sampler", True)) == 2
+
+
+@pytest.mark.parametrize("num_points", [256, 16])
+@pytest.mark.parametrize("rewrite", [True, False])
+def test_large_point_convolutions_run_in_onednn(num_points, rewrite):
+    """The point head's 1-D convolutions with 128 or more channels become oneDNN ones,
+    which torch's own kernel ran 2x slower on one thread (as in the 3D modes); the
+    predictor (one output) and the coarse logits' term (one input) stay, and so do the
+    outputs. An 8 x 8 map: 256 points project first, 16 do not."""
+    render = _Render(num_points, channels=128).eval()
+    coarse, features = torch.randn(2, 1, 8, 8), torch.randn(2, 128, 8, 8)
+    frozen = torch.jit.freeze(torch.jit.script(render))
+    if rewrite:
+        assert rewrite_point_heads(frozen) == 1
+    assert onednn_point_convolutions(frozen) == 3  # the three 129 -> 128 layers
+    assert len(frozen.graph.findAllNodes("aten::conv1d", True)) == (2 if rewrite else 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want, plain_kernels = _wide_point_kernels(render, coarse, features, 2)
+        got, kernels = _wide_point_kernels(frozen, coarse, features, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(want, got, atol=1e-4)
+    # per step: the file's module runs its 3 layers and predictor in torch's kernel; the
+    # converted one only the predictor, and its layers (2 after projecting first) in oneDNN's
+    assert plain_kernels == {"aten::_slow_conv2d_forward": 2 * 4}
+    layers = 2 if rewrite and num_points == 256 else 3
+    assert kernels == {"aten::_slow_conv2d_forward": 2, "aten::mkldnn_convolution": 2 * layers}
+
+
+_KERNELS = ("aten::_slow_conv2d_forward", "aten::mkldnn_convolution")
+
+
+def _wide_point_kernels(module, *args) -> tuple[torch.Tensor, dict[str, int]]:
+    """The output of a call, and which convolution kernels ran on 129-channel point rows."""
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+        out = module(*args)
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        shape = next((s for s in e.input_shapes if s), [])  # oneDNN's lists 2 empty ones first
+        if e.name in _KERNELS and len(shape) == 4 and shape[1] == 129 and shape[2] == 1:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return out, counts
+
+
+def test_only_cpu_float_preparation_converts_point_convolutions(monkeypatch):
+    """Not the bfloat16 model: oneDNN's kernel, called directly, takes float32 only (the
+    bundled model's 64-channel head itself stays in torch's kernel)."""
+    calls = []
+    monkeypatch.setattr(loading, "onednn_point_convolutions", lambda frozen: calls.append(frozen) or 0)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    loading.clear_model_cache()
+    loading.load_model("panoptem_mito_small", precision="bfloat16")
+    assert calls == []
+    fast = loading.load_model("panoptem_mito_small")
+    assert fast.optimized and len(calls) == 1

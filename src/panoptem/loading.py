@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from panoptem import _download, registry
 from panoptem._memory import release_free_memory
-from panoptem._point_head_graph import rewrite_point_heads
+from panoptem._point_head_graph import onednn_point_convolutions, rewrite_point_heads
 from panoptem.errors import Cancelled, PanoptemError, describe
 from panoptem.progress import Progress
 
@@ -259,14 +259,18 @@ def _check_image(device: torch.device, padding_factor: int) -> torch.Tensor:
     return torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _freeze(module: Any, rewrite: bool) -> Any:
+def _freeze(module: Any, rewrite: bool, onednn: bool = False) -> Any:
     """``torch.jit.freeze`` of ``module``; with ``rewrite``, its PointRend point heads
-    replaced by :func:`~panoptem._point_head_graph.rewrite_point_heads`."""
+    replaced by :func:`~panoptem._point_head_graph.rewrite_point_heads`, and with ``onednn``
+    (float32 on CPU) their 1-D convolutions made oneDNN ones
+    (:func:`~panoptem._point_head_graph.onednn_point_convolutions`)."""
     import torch
 
     frozen = torch.jit.freeze(module.eval())
     if rewrite:
         rewrite_point_heads(frozen)
+        if onednn:
+            onednn_point_convolutions(frozen)
     return frozen
 
 
@@ -286,7 +290,8 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                prepared = torch.jit.optimize_for_inference(_freeze(module, rewrite))
+                prepared = torch.jit.optimize_for_inference(
+                    _freeze(module, rewrite, onednn=device.type == "cpu"))
                 x = _check_image(device, padding_factor)
                 with torch.inference_mode():
                     want, got = module(x, 1, False), prepared(x, 1, False)
