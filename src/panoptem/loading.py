@@ -10,7 +10,8 @@ A float model is prepared for inference once per load (:func:`prepare_for_infere
 frozen (weights and attributes folded into the graph) and optimised for the device
 (``torch.jit.optimize_for_inference``: conv-batchnorm folding, and oneDNN kernels on CPU),
 with the first layer of PointRend's point head applied to the feature map before sampling
-where that is less work (:mod:`panoptem._point_head_graph`). On this machine's CPU that
+where that is less work, and on CPU its wide 1-D convolutions run by oneDNN
+(:mod:`panoptem._point_head_graph`). On this machine's CPU that
 runs a forward pass 1.3-4x faster, with outputs equal to within about 1e-5. A model that
 cannot be frozen, or whose prepared copy does not give the same outputs on a test image,
 is used as loaded (with a warning). ``optimize=False`` keeps the file's module as it is.
