@@ -84,7 +84,8 @@ def sample_rows(features: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     :func:`bilinear_taps` -> (P, C): one row per point (no copy of the map is made when
     ``features`` is channels-last, as the outputs of int8 convolutions are)."""
     c = features.shape[1]
-    rows = features[image].permute(1, 2, 0).reshape(-1, c).contiguous()  # strided: 20x slower
+    # contiguous: on strided rows embedding_bag ran 20x slower
+    rows = features[image].permute(1, 2, 0).reshape(-1, c).contiguous()
     return F.embedding_bag(indices[image], rows, per_sample_weights=weights[image], mode="sum")
 
 

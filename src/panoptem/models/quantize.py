@@ -2,9 +2,11 @@
 
 The ResNet encoder runs in int8 with per-channel weights and activation ranges
 calibrated on real images, and so do the convolution branches of Panoptic-DeepLab's ASPPs
-(in MitoNet_v1 they hold about as much arithmetic as the encoder) and the separable
-conv-BN-ReLU blocks of the decoders and heads (the stride-4 work); the heads' final
-convolutions, the ASPP pooling and projection and BiFPN's SiLU blocks stay in float.
+(in MitoNet_v1 they hold about as much arithmetic as the encoder), the separable
+conv-BN-ReLU blocks of the decoders and heads (the stride-4 work) and, in BiFPN models, the
+pyramid's resamplings and conv-BN-SiLU blocks; the heads' final convolutions, the ASPP
+pooling and projection, the BiFPN decoder's transposed convolutions and the SiLUs stay in
+float.
 panoptem uses PyTorch's FX graph mode on those parts (the conv + BatchNorm + ReLU folding,
 observers and int8 kernels come from PyTorch) and traces them once converted.
 PointRend's point MLP becomes an :class:`Int8PointHead`: int8 weights, activations
