@@ -139,8 +139,8 @@ def test_int8_point_head_agrees_with_the_float_head_and_ignores_the_batch(lucchi
 
 def test_int8_export_of_a_bifpn_model_quantizes_its_pyramid(lucchi_image):
     """MitoNet_v1_mini's architecture (small): the pyramid's resamplings and SiLU blocks, the
-    decoders' fusions and the heads run in int8 next to the encoder, and the file runs at
-    another size with outputs close to the float model's."""
+    decoders' fusions and the point MLP run in int8 next to the encoder, and the file runs
+    at another size with features close to the float model's."""
     from panoptem.models import build_model
 
     torch.manual_seed(0)
