@@ -270,8 +270,8 @@ def _freeze(module: Any, rewrite: bool, onednn: bool = False) -> Any:
     frozen = torch.jit.freeze(module.eval())
     if rewrite:
         rewrite_point_heads(frozen)
-        if onednn:
-            onednn_point_convolutions(frozen)
+    if onednn:
+        onednn_point_convolutions(frozen)
     return frozen
 
 
@@ -291,8 +291,9 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # the fallback (rewrite False) is the file's graph, frozen and nothing else
                 prepared = torch.jit.optimize_for_inference(
-                    _freeze(module, rewrite, onednn=device.type == "cpu"))
+                    _freeze(module, rewrite, onednn=rewrite and device.type == "cpu"))
                 x = _check_image(device, padding_factor)
                 with torch.inference_mode():
                     want, got = module(x, 1, False), prepared(x, 1, False)

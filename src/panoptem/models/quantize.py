@@ -122,7 +122,7 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
         prepared = prepare_fx(work.encoder, qconfig, (example,))
         work.encoder = prepared
         branches = _prepare_aspp_branches(work, qconfig, prepare_fx)
-        branches += _prepare_separable_blocks(work, qconfig, prepare_fx)
+        branches += _prepare_conv_bn_blocks(work, qconfig, prepare_fx)
         progress = ensure_progress(progress)
         progress.stage("calibrating int8", len(calibration))
         for x in calibration:
@@ -173,7 +173,7 @@ def _int8_block(block: nn.Module) -> bool:
             and (len(block) == 2 or isinstance(block[2], (nn.ReLU, nn.SiLU))))
 
 
-def _prepare_separable_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
+def _prepare_conv_bn_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
     """Observe every convolution-BN block of the decoders and heads for int8.
 
     These are the separable conv-BN-ReLU blocks (5 x 5 depthwise, 1 x 1 pointwise, BN,
@@ -271,13 +271,13 @@ class Int8PointHead(nn.Module):
     def predict(self, features: torch.Tensor, coarse: torch.Tensor,
                 point_coords: torch.Tensor) -> torch.Tensor:
         """As :meth:`StandardPointHead.predict`: logits (N, C, P) at ``point_coords``."""
-        indices, weights = bilinear_taps(point_coords, features.shape[-2], features.shape[-1])
+        taps, tap_weights = bilinear_taps(point_coords, features.shape[-2], features.shape[-1])
         if coarse.shape[-2:] == features.shape[-2:]:
-            coarse_indices, coarse_weights = indices, weights
+            coarse_taps, coarse_tap_weights = taps, tap_weights
         else:
-            coarse_indices, coarse_weights = bilinear_taps(point_coords, coarse.shape[-2], coarse.shape[-1])
-        out = [self(sample_rows(features, indices, weights, i),
-                    sample_rows(coarse, coarse_indices, coarse_weights, i)).t()
+            coarse_taps, coarse_tap_weights = bilinear_taps(point_coords, coarse.shape[-2], coarse.shape[-1])
+        out = [self(sample_rows(features, taps, tap_weights, i),
+                    sample_rows(coarse, coarse_taps, coarse_tap_weights, i)).t()
                for i in range(point_coords.shape[0])]
         return torch.stack(out)
 
