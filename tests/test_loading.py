@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -191,10 +192,46 @@ def test_prepared_copy_that_disagrees_is_not_used(monkeypatch):
             return {k: v + 1 for k, v in module(x, render_steps, interpolate_ins).items()}
 
     module = torch.jit.script(Tiny()).eval()
-    monkeypatch.setattr(torch.jit, "optimize_for_inference", lambda m, *a, **k: Off())
+    monkeypatch.setattr(loading, "channels_last_convolutions", lambda frozen: 1)  # "converted"
+    monkeypatch.setattr(loading, "_freeze", lambda m, rewrite, onednn=False: Off())
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", lambda m, *a, **k: m)
     with pytest.warns(UserWarning, match="'sem_logits' output differs"):
         prepared, optimized = loading.prepare_for_inference(module, torch.device("cpu"), 16)
     assert prepared is module and not optimized
+
+
+def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
+    """On CPU: channels-last convolutions first, then optimize_for_inference, each with the
+    point-head rewrite and then without; the first copy that passes the check is used, and
+    a copy that fails to be made or to agree makes way for the next (on GPUs only the
+    optimize_for_inference ones are made)."""
+    module = torch.jit.script(Tiny()).eval()
+    made = []
+
+    def freeze(m, rewrite, onednn=False):
+        made.append(("freeze", rewrite, onednn))
+        return torch.jit.freeze(m)
+
+    def convert(frozen):
+        made.append("channels-last")
+        raise RuntimeError("oneDNN cannot take this graph")
+
+    def optimize(frozen):
+        made.append("optimize")
+        if len(made) < 6:  # the rewritten one disagrees
+            return lambda *args: {k: v + 1 for k, v in frozen(*args).items()}
+        return frozen
+
+    monkeypatch.setattr(loading, "_freeze", freeze)
+    monkeypatch.setattr(loading, "channels_last_convolutions", convert)
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", optimize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared, optimized = loading.prepare_for_inference(module, torch.device("cpu"), 16)
+    assert optimized and prepared is not module
+    assert made == [("freeze", True, True), "channels-last", ("freeze", True, True), "optimize",
+                    ("freeze", False, False), "channels-last", ("freeze", False, False), "optimize"]
+    assert [len(loading._prepared_candidates(module, torch.device(d))) for d in ("cpu", "cuda")] == [4, 2]
 
 
 def test_quantized_model_is_not_prepared():
