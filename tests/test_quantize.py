@@ -61,6 +61,17 @@ def test_int8_export_of_the_bundled_model_agrees_with_float(tmp_path, lucchi_ima
     for head in (int8.semantic_head, int8.ins_center, int8.ins_xy):
         assert _int8_convs(head.head[0]) >= 2
         assert _int8_convs(head.head[1]) == 0
+    # the ASPPs hand channels-last maps on (the int8 blocks' layout), so that resizing them
+    # and the next int8 block take them without copies
+    crop = lucchi_image[:128, :128].astype(np.float32) / 255
+    x = torch.from_numpy((crop - cfg["norms"]["mean"]) / cfg["norms"]["std"])[None, None]
+    with torch.inference_mode():
+        features = int8.encoder(x)
+        for decoder in (int8.semantic_decoder, int8.instance_decoder):
+            assert decoder.aspp.project.original_name == "ChannelsLastInput"
+            out = decoder.aspp(features[-1])
+            assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+            assert decoder(features).is_contiguous(memory_format=torch.channels_last)
     # PointRend's convolutions stay float; its point MLP is an int8 matrix product on rows
     assert _int8_convs(int8.semantic_pr) == 0
     layers = [sub for sub in int8.semantic_pr.point_head.modules() if sub.original_name == "Linear"]

@@ -240,6 +240,12 @@ def slice_batch(engine, shape: tuple[int, int], params) -> int:
     int8 files keep their int8 weights packed for their kernels and are not batched (v1
     int8 at 64 x 256: 68-96 ms per slice one per call, 95-98 ms two per call). The
     outputs are those of one slice per call.
+
+    Those figures are for models prepared by ``optimize_for_inference``, which is now the
+    fallback. With channels-last convolutions (:mod:`panoptem._conv_graph`) only the 1 x 1
+    weights are re-ordered per call, and a whole MitoNet_v1 ortho-plane run took the same
+    time either way (29.1-30.4 s two per call, 29.5-29.6 s one per call; peak 837-849
+    against 831-853 MB), so the rule is kept for the fallback.
     """
     loaded = engine.loaded
     if loaded.quantized or slice_workers(engine, shape, params) < 2:

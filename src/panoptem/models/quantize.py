@@ -135,6 +135,7 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
             part = convert_fx(getattr(parent, name))
             setattr(parent, name, torch.jit.trace(part, inputs, strict=False, check_trace=False))
         _int8_point_heads(work)
+        _channels_last_aspp_projections(work)
         return script_model(work)
 
 
@@ -287,6 +288,34 @@ def _int8_point_heads(model: nn.Module) -> None:
     its activations are quantized per call)."""
     for pr in [m for m in model.modules() if isinstance(m, PointRendSemSegHead)]:
         pr.point_head = Int8PointHead(pr.point_head)
+
+
+class ChannelsLastInput(nn.Module):
+    """``module`` run on its input in channels-last (NHWC) memory format.
+
+    In an int8 Panoptic-DeepLab model the ASPP branches hand over channels-last tensors (the
+    layout of the int8 kernels), but the image-pooling branch does not, so their
+    concatenation was made NCHW. The float projection then ran in torch's slowest 1 x 1
+    kernel on one thread and returned NCHW; the bilinear resize of that (16 x 16 to 64 x 64,
+    256 channels) took 3.6 ms against 0.11 ms channels-last, and the next int8 block copied
+    the concatenated map back to channels-last (2.1 ms). Channels-last from the projection
+    on removes all three. The layout changes no value.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+def _channels_last_aspp_projections(model: nn.Module) -> None:
+    """Run every ASPP projection of ``model`` on channels-last input (:class:`ChannelsLastInput`)."""
+    from panoptem.models.decoders.panoptic_deeplab import ASPP
+
+    for aspp in [m for m in model.modules() if isinstance(m, ASPP)]:
+        aspp.project = ChannelsLastInput(aspp.project)
 
 
 def save_quantized(module: torch.jit.ScriptModule, path) -> None:
