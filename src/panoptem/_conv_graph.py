@@ -1,7 +1,7 @@
 """A frozen float model's convolutions as oneDNN channels-last ones, for CPUs.
 
 ``torch.jit.optimize_for_inference`` runs a frozen model's convolutions through oneDNN in
-its blocked layout, with weights packed once for a guessed input. On the CPUs measured
+its blocked layout, with weights packed once for a guessed input. On the CPU measured
 (AMD EPYC, AVX-512) oneDNN then picks a kernel that wants another packing, and re-orders
 the weights on every call: about 34 ms of a 258 ms MitoNet_v1 forward pass at 256 x 256
 on one thread, 15 ms of that for the ASPPs' 2048-channel 3 x 3 weights alone.
@@ -14,7 +14,7 @@ that torch's own compiler (Inductor) emits on CPUs, with a following ReLU fused 
   chose the same packing for them at every input size tried (a 4 x 16 to a 256 x 256
   map, batches of 1 and 2), so they are never re-ordered.
 - 1 x 1 weights stay plain. For those oneDNN's packing depends on the input size, and a
-  packed weight that does not fit is re-ordered by a slow generic routine (42 ms for
+  packed weight that does not fit is re-ordered by a slow generic routine (34-42 ms for
   2048 -> 512, against 0.5 ms from the plain layout).
 
 Activations then stay channels-last (NHWC) between convolutions; other operations take
@@ -25,24 +25,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from panoptem._jit_graph import constant, walk
+
 __all__ = ["channels_last_convolutions"]
 
 #: the map size weights are packed for (any size gave the same packing for kernels > 1 x 1)
 _PACKING_SIZE = 32
 
 _RELU = ("aten::relu", "aten::relu_")
-
-
-def _walk(block: Any):
-    for node in block.nodes():
-        yield node
-        for sub in node.blocks():
-            yield from _walk(sub)
-
-
-def _constant(value: Any) -> Any:
-    node = value.node()
-    return node.output().toIValue() if node.kind() == "prim::Constant" else None
 
 
 def _frozen_conv2d(node: Any) -> tuple | None:
@@ -53,7 +43,7 @@ def _frozen_conv2d(node: Any) -> tuple | None:
     if node.kind() != "aten::conv2d":
         return None
     weight, stride, padding, dilation, groups = (
-        _constant(node.inputsAt(i)) for i in (1, 3, 4, 5, 6))
+        constant(node.inputsAt(i)) for i in (1, 3, 4, 5, 6))
     if not (isinstance(weight, torch.Tensor) and weight.dim() == 4
             and weight.dtype == torch.float32 and weight.device.type == "cpu"):
         return None
@@ -95,7 +85,7 @@ def channels_last_convolutions(frozen: Any) -> int:
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return 0
     graph = frozen.graph
-    found = [(node, args) for node in _walk(graph.block())
+    found = [(node, args) for node in walk(graph.block())
              if (args := _frozen_conv2d(node)) is not None]
     scalars_type = torch._C.ListType(torch._C.OptionalType(torch._C.NumberType.get()))
     for node, (weight, padding, stride, dilation, groups) in found:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from panoptem._jit_graph import constant, walk
+
 __all__ = ["rewrite_point_heads", "onednn_point_convolutions"]
 
 _FIRST_LAYER = """
@@ -110,22 +112,10 @@ graph({_INPUTS}):
 ONEDNN_MIN_CHANNELS = 128
 
 
-def _walk(block: Any):
-    for node in block.nodes():
-        yield node
-        for sub in node.blocks():
-            yield from _walk(sub)
-
-
-def _constant(value: Any) -> Any:
-    node = value.node()
-    return node.output().toIValue() if node.kind() == "prim::Constant" else None
-
-
 def _pointwise_conv1d_only(graph: Any) -> bool:
     """Every ``aten::conv1d`` in ``graph`` has a frozen weight with kernel 1, stride 1, no
     padding, dilation 1 and one group: the only case in which the projection is exact."""
-    return all(_pointwise(node) for node in _walk(graph.block()) if node.kind() == "aten::conv1d")
+    return all(_pointwise(node) for node in walk(graph.block()) if node.kind() == "aten::conv1d")
 
 
 def _pointwise(conv1d: Any) -> bool:
@@ -134,7 +124,7 @@ def _pointwise(conv1d: Any) -> bool:
     import torch
 
     weight, _, stride, padding, dilation, groups = (
-        _constant(conv1d.inputsAt(i)) for i in range(1, 7))
+        constant(conv1d.inputsAt(i)) for i in range(1, 7))
     return (isinstance(weight, torch.Tensor) and weight.dim() == 3 and weight.shape[2] == 1
             and list(stride or []) == [1] and list(padding or []) == [0]
             and list(dilation or []) == [1] and groups == 1)
@@ -145,7 +135,7 @@ def _fold_point_coordinate_rank(graph: Any) -> None:
     that list's length: fold it, so that the ``point_coords.dim() == 3`` branches of
     point_sample disappear and the sampling is a straight line the pattern can match."""
     found = []
-    for node in _walk(graph.block()):
+    for node in walk(graph.block()):
         if node.kind() != "aten::dim":
             continue
         source = node.input().node()
@@ -191,9 +181,9 @@ def onednn_point_convolutions(frozen: Any) -> int:
         return 0
     graph = frozen.graph
     found = []
-    for node in _walk(graph.block()):
+    for node in walk(graph.block()):
         if node.kind() == "aten::conv1d" and _pointwise(node):
-            weight = _constant(node.inputsAt(1))
+            weight = constant(node.inputsAt(1))
             if min(weight.shape[0], weight.shape[1]) >= ONEDNN_MIN_CHANNELS:
                 found.append((node, weight))
     for node, weight in found:
@@ -213,4 +203,4 @@ def onednn_point_convolutions(frozen: Any) -> int:
 
 
 def _count(graph: Any, kind: str) -> int:
-    return sum(node.kind() == kind for node in _walk(graph.block()))
+    return sum(node.kind() == kind for node in walk(graph.block()))
