@@ -134,9 +134,18 @@ def test_convolutions_it_cannot_take_are_left_as_they_are(monkeypatch):
     assert channels_last_convolutions(frozen) == 0 and _nodes(frozen, "aten::conv2d") == 4
 
 
-def test_prepared_cpu_model_has_channels_last_convolutions():
-    """load_model's prepared float model on CPU is the channels-last copy."""
+def test_prepared_cpu_model_has_channels_last_convolutions_with_avx512(monkeypatch):
+    """load_model's prepared float model on an AVX-512 CPU is the channels-last copy; on
+    others (where those kernels ran MitoNet_v1 1.7-2x slower) optimize_for_inference's."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    loading.clear_model_cache()
     fast = loading.load_model("panoptem_mito_small")
     assert fast.optimized
     assert _nodes(fast.module, _CONVERTED) > 40 and _nodes(fast.module, "aten::conv2d") == 0
     assert _nodes(fast.module, "prim::mkldnn_convolution") == 0  # not optimize_for_inference's
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    loading.clear_model_cache()
+    fast = loading.load_model("panoptem_mito_small")
+    assert fast.optimized
+    assert _nodes(fast.module, _CONVERTED) == 0 and _nodes(fast.module, "prim::mkldnn_convolution") > 40

@@ -201,7 +201,7 @@ def test_prepared_copy_that_disagrees_is_not_used(monkeypatch):
 
 
 def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
-    """On CPU: channels-last convolutions first, then optimize_for_inference, each with the
+    """On AVX-512 CPUs: channels-last convolutions first, then optimize_for_inference, each with the
     point-head rewrite and then without; the first copy that passes the check is used, and
     a copy that fails to be made or to agree makes way for the next (on GPUs only the
     optimize_for_inference ones are made)."""
@@ -223,6 +223,7 @@ def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
         return frozen
 
     monkeypatch.setattr(loading, "_freeze", freeze)
+    monkeypatch.setattr(loading, "channels_last_pays", lambda: True)
     monkeypatch.setattr(loading, "channels_last_convolutions", convert)
     monkeypatch.setattr(torch.jit, "optimize_for_inference", optimize)
     with warnings.catch_warnings():
@@ -232,6 +233,8 @@ def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
     assert made == [("freeze", True, True), "channels-last", ("freeze", True, True), "optimize",
                     ("freeze", False, False), "channels-last", ("freeze", False, False), "optimize"]
     assert [len(loading._prepared_candidates(module, torch.device(d))) for d in ("cpu", "cuda")] == [4, 2]
+    monkeypatch.setattr(loading, "channels_last_pays", lambda: False)  # no AVX-512
+    assert len(loading._prepared_candidates(module, torch.device("cpu"))) == 2
 
 
 def test_quantized_model_is_not_prepared():

@@ -19,6 +19,12 @@ that torch's own compiler (Inductor) emits on CPUs, with a following ReLU fused 
 
 Activations then stay channels-last (NHWC) between convolutions; other operations take
 either layout. The outputs equal the file's to float32 rounding (about 1e-5).
+
+This pays with AVX-512 only (:func:`channels_last_pays`): with oneDNN capped at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``) the same MitoNet_v1 ran 1.7-2x slower channels-last than in
+the blocked layout (256 x 256, 1 thread: 635-651 against 377-388 ms), and capped at plain
+AVX-512 (no bfloat16 or VNNI) 1.2x faster (185-186 against 220-222 ms; 1.15-1.5x on two
+64 x 256 slices).
 """
 
 from __future__ import annotations
@@ -27,12 +33,20 @@ from typing import Any
 
 from panoptem._jit_graph import constant, walk
 
-__all__ = ["channels_last_convolutions"]
+__all__ = ["channels_last_convolutions", "channels_last_pays"]
 
 #: the map size weights are packed for (any size gave the same packing for kernels > 1 x 1)
 _PACKING_SIZE = 32
 
 _RELU = ("aten::relu", "aten::relu_")
+
+
+def channels_last_pays() -> bool:
+    """Whether this CPU runs :func:`channels_last_convolutions`' kernels faster than the
+    blocked layout: where torch finds AVX-512."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _frozen_conv2d(node: Any) -> tuple | None:

@@ -10,10 +10,10 @@ A float model is prepared for inference once per load (:func:`prepare_for_infere
 frozen (weights and attributes folded into the graph, conv-batchnorm folding), with the
 first layer of PointRend's point head applied to the feature map before sampling where
 that is less work, and on CPU its wide 1-D convolutions run by oneDNN
-(:mod:`panoptem._point_head_graph`). On CPU the convolutions then become oneDNN
-channels-last ones with packed weights (:mod:`panoptem._conv_graph`); where that cannot be
-done, and on GPUs, ``torch.jit.optimize_for_inference`` optimises the frozen model for the
-device. On this machine's CPU that runs a forward pass 1.3-4x faster, with outputs equal
+(:mod:`panoptem._point_head_graph`). On CPUs with AVX-512 the convolutions then become
+oneDNN channels-last ones with packed weights (:mod:`panoptem._conv_graph`); where that
+cannot be done or does not pay, and on GPUs, ``torch.jit.optimize_for_inference``
+optimises the frozen model for the device. On this machine's CPU that runs a forward pass 1.3-4x faster, with outputs equal
 to within about 1e-5. A model that
 cannot be frozen, or whose prepared copy does not give the same outputs on a test image,
 is used as loaded (with a warning). ``optimize=False`` keeps the file's module as it is.
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panoptem import _download, registry
-from panoptem._conv_graph import channels_last_convolutions
+from panoptem._conv_graph import channels_last_convolutions, channels_last_pays
 from panoptem._memory import release_free_memory
 from panoptem._point_head_graph import onednn_point_convolutions, rewrite_point_heads
 from panoptem.errors import Cancelled, PanoptemError, describe
@@ -298,12 +298,13 @@ def _optimized(module: Any, rewrite: bool, cpu: bool) -> Any:
 
 def _prepared_candidates(module: Any, device: torch.device) -> list:
     """How to make the prepared copies of ``module`` to try, best first: with the point-head
-    rewrite, then without (the file's graph, frozen and optimised, nothing else); on CPU
-    each first with channels-last convolutions, then through ``optimize_for_inference``."""
+    rewrite, then without (the file's graph, frozen and optimised, nothing else); on CPUs
+    with AVX-512 each first with channels-last convolutions, then through
+    ``optimize_for_inference``."""
     cpu = device.type == "cpu"
     candidates = []
     for rewrite in (True, False):
-        if cpu:
+        if cpu and channels_last_pays():
             candidates.append(functools.partial(_channels_last, module, rewrite))
         candidates.append(functools.partial(_optimized, module, rewrite, cpu))
     return candidates
