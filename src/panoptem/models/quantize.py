@@ -295,11 +295,11 @@ class ChannelsLastInput(nn.Module):
 
     In an int8 Panoptic-DeepLab model the ASPP branches hand over channels-last tensors (the
     layout of the int8 kernels), but the image-pooling branch does not, so their
-    concatenation was made NCHW. The float projection then ran in torch's slowest 1 x 1
-    kernel on one thread and returned NCHW; the bilinear resize of that (16 x 16 to 64 x 64,
-    256 channels) took 3.6 ms against 0.11 ms channels-last, and the next int8 block copied
-    the concatenated map back to channels-last (2.1 ms). Channels-last from the projection
-    on removes all three. The layout changes no value.
+    concatenation was made NCHW, and so was the float projection's output. The bilinear
+    resize of that (16 x 16 to 64 x 64, 256 channels) took 3.6 ms against 0.11 ms
+    channels-last, and the next int8 block copied the concatenated map back to
+    channels-last (2.1 ms). With channels-last input the projection (still float, in the
+    same kernel) returns channels-last, which removes both. The layout changes no value.
     """
 
     def __init__(self, module: nn.Module) -> None:
