@@ -67,9 +67,9 @@ def _frozen_conv2d(node: Any) -> tuple | None:
     return weight, padding, stride, dilation, groups
 
 
-def _weight_value(graph: Any, weight: Any, padding, stride, dilation, groups) -> Any:
+def _weight_value(graph: Any, conv: Any, weight: Any, padding, stride, dilation, groups) -> Any:
     """The graph value the converted convolution reads its weight from: a packed oneDNN
-    constant for kernels larger than 1 x 1, the plain frozen tensor otherwise."""
+    constant for kernels larger than 1 x 1, else the frozen weight ``conv`` reads."""
     import torch
 
     if weight.shape[2] * weight.shape[3] > 1:
@@ -85,7 +85,7 @@ def _weight_value(graph: Any, weight: Any, padding, stride, dilation, groups) ->
             node.t_("value", packed)
             node.output().setType(torch._C.TensorType.get())
             return graph.insertNode(node).output()
-    return graph.insertConstant(weight.contiguous())
+    return conv.inputsAt(1) if weight.is_contiguous() else graph.insertConstant(weight.contiguous())
 
 
 def channels_last_convolutions(frozen: Any) -> int:
@@ -110,7 +110,7 @@ def channels_last_convolutions(frozen: Any) -> int:
         scalars = graph.create("prim::ListConstruct", 1)
         scalars.output().setType(scalars_type)
         args = [node.inputsAt(0),
-                _weight_value(graph, weight, padding, stride, dilation, groups),
+                _weight_value(graph, node, weight, padding, stride, dilation, groups),
                 node.inputsAt(2), graph.insertConstant(padding), graph.insertConstant(stride),
                 graph.insertConstant(dilation), graph.insertConstant(groups),
                 graph.insertConstant("relu" if relu is not None else "none"),

@@ -13,9 +13,9 @@ that is less work, and on CPU its wide 1-D convolutions run by oneDNN
 (:mod:`panoptem._point_head_graph`). On CPUs with AVX-512 the convolutions then become
 oneDNN channels-last ones with packed weights (:mod:`panoptem._conv_graph`); where that
 cannot be done or does not pay, and on GPUs, ``torch.jit.optimize_for_inference``
-optimises the frozen model for the device. On this machine's CPU that runs a forward pass 1.3-4x faster, with outputs equal
-to within about 1e-5. A model that
-cannot be frozen, or whose prepared copy does not give the same outputs on a test image,
+optimises the frozen model for the device. On this machine's CPU that runs a forward pass
+1.3-4x faster, with outputs equal to within about 1e-5. A model that cannot be frozen, or
+whose prepared copy does not give the same outputs on a test image,
 is used as loaded (with a warning). ``optimize=False`` keeps the file's module as it is.
 int8 files are not prepared: frozen, they run slower.
 
