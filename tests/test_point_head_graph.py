@@ -7,6 +7,7 @@ convolution. Both must give the file's outputs.
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -15,7 +16,11 @@ from torch import nn
 
 from modelfiles import JIT_DEPRECATION, Tiny
 from panoptem import loading
-from panoptem._point_head_graph import onednn_point_convolutions, rewrite_point_heads
+from panoptem._point_head_graph import (
+    onednn_point_convolutions,
+    rewrite_point_heads,
+    scatter_into_own_dtype,
+)
 from panoptem.models.point_rend import PointRendSemSegHead
 
 pytestmark = [pytest.mark.filterwarnings(JIT_DEPRECATION), pytest.mark.usefixtures("home")]
@@ -185,3 +190,56 @@ def test_only_cpu_float_preparation_converts_point_convolutions(monkeypatch):
     assert calls == []
     fast = loading.load_model("panoptem_mito_small")
     assert fast.optimized and len(calls) == 1
+
+
+class _MixedScatter(nn.Module):
+    """What PointRend's render meets under bfloat16 autocast on a GPU: a float32 target
+    (CUDA's autocast keeps bilinear resizing in float32; here grid sampling, which CPU
+    autocast keeps in float32, stands for it) and bfloat16 values from a 1-D convolution,
+    scattered into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.linspace(-0.9, 0.9, 8).reshape(1, 1, 4, 2)
+        target = nn.functional.grid_sample(x, grid, align_corners=False).reshape(1, 1, 4)
+        values = self.conv(target[:, :, :2])
+        return target.scatter_(2, torch.tensor([[[0, 2]]]), values)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_scattered_values_take_the_targets_dtype(freeze):
+    """Frozen or not (the rewrite must come before the first call: TorchScript keeps the plan
+    it ran, as ``load_model`` does)."""
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(_MixedScatter().eval()), buffer)
+
+    def made():  # loaded afresh each time, as load_model loads a file
+        buffer.seek(0)
+        module = torch.jit.load(buffer)
+        return torch.jit.freeze(module) if freeze else module
+
+    x = torch.rand(1, 1, 6, 6)
+    with pytest.raises(RuntimeError, match="dtype"), torch.autocast("cpu", dtype=torch.bfloat16):
+        made()(x)
+    module = made()
+    assert scatter_into_own_dtype(module) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module(x)
+    want = made()(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=0.02)
+    assert not torch.equal(got[0, 0, [0, 2]], want[0, 0, [1, 3]])  # the scattered points arrived
+    assert torch.equal(module(x), want)  # float32 unchanged
+
+
+def test_bfloat16_models_scatter_in_the_targets_dtype(monkeypatch):
+    """The bundled model's bfloat16 preparation casts its refined points (render's scatter)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    loading.clear_model_cache()
+    module = loading.load_model("panoptem_mito_small", precision="bfloat16").module.module
+    scatters = module.graph.findAllNodes("aten::scatter_", True)
+    assert scatters and all(s.inputsAt(3).node().kind() == "aten::type_as" for s in scatters)

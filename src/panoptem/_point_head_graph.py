@@ -23,6 +23,11 @@ On CPU, :func:`onednn_point_convolutions` also makes the point head's 1-D convol
 oneDNN 2-D ones. torch sends a 1 x 1 convolution on one thread to its own kernel, which ran
 these layers (8192 points) 2x slower than oneDNN; the 3D modes run two slices at a time
 with one thread each. With more threads torch already uses oneDNN for them.
+
+Under bfloat16 autocast on a GPU, the upsampled logits stay float32 (CUDA's autocast keeps
+bilinear resizing in float32) while the point head returns bfloat16, and the scatter that
+writes the refined points back refuses two dtypes. :func:`scatter_into_own_dtype` casts
+what is scattered to the target's dtype, a no-op in float32.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 
 from panoptem._jit_graph import constant, walk
 
-__all__ = ["rewrite_point_heads", "onednn_point_convolutions"]
+__all__ = ["rewrite_point_heads", "onednn_point_convolutions", "scatter_into_own_dtype"]
 
 _FIRST_LAYER = """
   %l0 : Tensor[] = prim::ListConstruct(%fine, %coarse)
@@ -200,6 +205,30 @@ def onednn_point_convolutions(frozen: Any) -> int:
     graph.setInsertPoint(graph.block())
     torch._C._jit_pass_dce(graph)  # the 1-D weights
     return len(found)
+
+
+def scatter_into_own_dtype(module: Any) -> int:
+    """Make every ``scatter`` / ``scatter_`` of a tensor in ``module``'s TorchScript methods
+    (those of its submodules too, so a module that could not be frozen is covered) cast the
+    scattered values to the target's dtype first (``aten::type_as``), in place; return how
+    many. The outputs in float32 are unchanged."""
+    import torch
+
+    tensor = torch._C.TensorType.get()
+    count = 0
+    for sub in module.modules():
+        for name in sub._c._method_names():
+            graph = sub._c._get_method(name).graph
+            found = [node for node in walk(graph.block())
+                     if node.kind() in ("aten::scatter", "aten::scatter_") and node.inputsSize() == 4
+                     and node.inputsAt(3).type().isSubtypeOf(tensor)]
+            for node in found:
+                cast = graph.create("aten::type_as", [node.inputsAt(3), node.inputsAt(0)], 1)
+                cast.insertBefore(node)
+                cast.output().setType(node.inputsAt(3).type())
+                node.replaceInput(3, cast.output())
+            count += len(found)
+    return count
 
 
 def _count(graph: Any, kind: str) -> int:

@@ -41,7 +41,11 @@ from typing import TYPE_CHECKING, Any
 from panoptem import _download, registry
 from panoptem._conv_graph import channels_last_convolutions, channels_last_pays
 from panoptem._memory import release_free_memory
-from panoptem._point_head_graph import onednn_point_convolutions, rewrite_point_heads
+from panoptem._point_head_graph import (
+    onednn_point_convolutions,
+    rewrite_point_heads,
+    scatter_into_own_dtype,
+)
 from panoptem.errors import Cancelled, PanoptemError, describe
 from panoptem.progress import Progress
 
@@ -416,6 +420,7 @@ def prepare_reduced_precision(module: Any, device: torch.device, padding_factor:
             break
         except Exception:
             continue
+    scatter_into_own_dtype(frozen)  # the point heads' refined points, bfloat16 on GPUs
     wrapped = ReducedPrecision(frozen, device.type, dtype)
     with torch.inference_mode():
         out = wrapped(_check_image(device, padding_factor), 1, False)
