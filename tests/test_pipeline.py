@@ -330,15 +330,17 @@ class CancelAfter(Progress):
             self.cancel()
 
 
-@pytest.mark.parametrize("overlap, workers, batch", [(False, 1, 1), (True, 1, 1), (None, 2, 1),
-                                                     (None, 2, 2), (None, 1, 2)])
-def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers, batch):
+@pytest.mark.parametrize("overlap, workers, batch, post", [(False, 1, 1, 1), (True, 1, 1, 1),
+                                                           (None, 2, 1, 1), (None, 2, 2, 1),
+                                                           (None, 1, 2, 1), (True, 1, 1, 3)])
+def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers, batch,
+                                                post):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     params = Params2D().validated()
     engine = Engine2D(small_config)
     with pytest.raises(Cancelled):
         segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap,
-                      workers=workers, batch=batch)
+                      workers=workers, batch=batch, post=post)
     assert not _ahead_threads()
 
     class Broken(Engine2D):
@@ -351,5 +353,64 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap
 
     with pytest.raises(RuntimeError, match="slice 4"):
         segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap,
-                      workers=workers, batch=batch)
+                      workers=workers, batch=batch, post=post)
     assert not _ahead_threads()
+
+
+class PairedPost(Engine2D):
+    """Post-processes the first two slices only while both are post-processed at once
+    (post-processing one at a time never gets past the barrier)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.barrier = threading.Barrier(2, timeout=20)
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def panoptic(self, *args):
+        with self.lock:
+            self.calls += 1
+            first_two = self.calls <= 2
+            self.threads.add(threading.current_thread().name)
+        if first_two:
+            self.barrier.wait()  # raises BrokenBarrierError unless both run at once
+        return super().panoptic(*args)
+
+
+@pytest.mark.parametrize("median_size, overlap", [(1, True), (3, True), (3, False)])
+def test_slices_are_post_processed_side_by_side(small_config, em_volume, median_size, overlap):
+    """``post`` slices are post-processed at once, in threads of their own, and matched in
+    order: the result is that of one slice at a time."""
+    vol = np.ascontiguousarray(em_volume[:7, :64, :64])
+    params = Params2D().validated()
+    paired = PairedPost(small_config)
+    res = segment_stack(paired, vol, params, median_size=median_size, overlap=overlap, post=3)
+    assert paired.calls == 7
+    assert paired.threads and all(t.startswith("panoptem-post-xy") for t in paired.threads)
+    ref = segment_stack(Engine2D(small_config), vol, params, median_size=median_size, overlap=overlap,
+                        post=1)
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0 and res.stats == ref.stats
+    assert not _ahead_threads()
+    with pytest.raises(ValueError, match="post must be at least 1"):
+        segment_stack(Engine2D(small_config), vol, params, post=0)
+
+
+def test_gpus_post_process_several_slices_at_once(small_config, monkeypatch):
+    """On a GPU, up to MAX_POST_WORKERS slices at once, 2 cores left for the forward passes
+    and the matching; on a CPU one (the forward passes use every core)."""
+    import os
+
+    import torch
+
+    from panoptem.inference.stack import MAX_POST_WORKERS, post_workers
+
+    engine = Engine2D(small_config)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert post_workers(engine) == 1
+    engine.device = torch.device("cuda")  # the choice only; nothing runs
+    assert post_workers(engine) == MAX_POST_WORKERS == 4
+    for cores, count in [(5, 3), (3, 1), (2, 1), (None, 1)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert post_workers(engine) == count
