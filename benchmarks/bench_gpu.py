@@ -1,0 +1,250 @@
+"""3D inference on a CUDA GPU: how much of the wall time the forward passes fill.
+
+For each case (a model and a volume) it runs stack and ortho-plane inference
+(``Engine3D.segment``) twice, with the forward passes overlapped with everything else (the
+default on a GPU: ``segment_stack(overlap=True)``) and without, and the same forward passes
+alone (every slice of every plane through ``Engine2D.outputs_batch``, read and normalised
+as ``segment_stack`` does). It reports
+
+- ``wall_s``: the whole ``segment`` call (post-processing, matching, consensus, writing),
+- ``forward_s``: the model calls alone, each synchronised, summed over the forward-only run,
+- ``share``: ``forward_s / wall_s``, the forward passes' share of the wall time.
+
+It also runs the bundled model on the CPU and reports the agreement of the GPU's results
+with the CPU's (instance F1 at IoU 0.5, foreground IoU), and of bfloat16 with float32.
+
+Models: the bundled trained model (real outputs on a real volume); the MitoNet_v1 and
+MitoNet_v1_mini architectures with random weights (their forward cost is the real one; see
+``bench_2d.py``). Volumes: a real 64 x 256 x 256 FIB-SEM crop (the Lucchi++ test volume,
+``../shared/data/lucchi_pp/volume3d``), and the same tiled 4 x 4 in-plane to
+64 x 1024 x 1024. Run on a machine with a CUDA GPU, from the repository root:
+
+    python benchmarks/bench_gpu.py --volume VOLUME.tif [--json results.jsonl] [--budget 300]
+
+Cases run in order of importance; one that would start after ``--budget`` seconds is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLUME = ROOT.parent / "shared" / "data" / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
+
+
+def _config(model_path, padding_factor: int) -> dict:
+    return {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1], "model": str(model_path),
+            "model_quantized": None, "padding_factor": padding_factor,
+            "norms": {"mean": 0.57571, "std": 0.12765}}
+
+
+def random_model(name: str, cache: Path) -> dict:
+    """Config of a random-weight TorchScript file of the MitoNet_v1 or _mini architecture."""
+    import bench_2d
+    import side_by_side
+
+    from panoptem.demo import untrained_model
+    from panoptem.models import export_torchscript
+
+    arch = {"v1": bench_2d.MITONET_V1, "mini": side_by_side.MITONET_V1_MINI}[name]
+    path = cache / f"{name}_random.pth"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        export_torchscript(untrained_model(arch), path)
+    return _config(path, 128 if name == "mini" else 16)  # as the released files' configs
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def forward_only(engine2d, volume, axes, params2d) -> dict:
+    """Every slice of ``axes`` through the model alone, as ``segment_stack`` reads them."""
+    from panoptem.inference import preprocess as pre
+    from panoptem.inference import stack as st
+
+    vr = st.volume_intensity_range(volume)
+    engine2d.timings = {}
+    _sync()
+    t0 = time.perf_counter()
+    n = 0
+    for ax in axes:
+        a = st.AXES[ax]
+        for i in range(volume.shape[a]):
+            im = pre.check_image_2d(st.read_slice(volume, a, i))
+            engine2d.outputs_batch([pre.to_unit_range(im, vr)], params2d)
+            n += 1
+    _sync()
+    return {"forward_s": engine2d.timings["forward"], "loop_s": time.perf_counter() - t0, "slices": n}
+
+
+def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = None,
+            max_objects: int = 10000):
+    """``Engine3D.segment`` with the stack loop's ``overlap`` and ``post`` (slices
+    post-processed at once) forced; ``post`` None keeps the default."""
+    from panoptem.inference import stack as st
+    from panoptem.inference.volume import Params3D
+
+    plain = st.segment_stack
+    st.segment_stack = functools.partial(plain, overlap=overlap, post=post)
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        res = engine3d.segment(volume, params3d=Params3D(ortho_plane=ortho, max_objects=max_objects))
+        _sync()
+        return res, time.perf_counter() - t0
+    finally:
+        st.segment_stack = plain
+
+
+#: The ways a case runs: forward passes overlapped with several slices post-processed at
+#: once (the default on a GPU), overlapped with one slice at a time, and all in one thread.
+VARIANTS = {"on": (True, None), "post1": (True, 1), "off": (False, 1)}
+
+
+def agreement(a, b) -> dict:
+    from panoptem.evaluation import evaluate
+
+    m = evaluate(a, b)
+    return {"f1": round(m.f1, 4), "fg_iou": round(m.fg_iou, 4)}
+
+
+def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
+             precision: str = "float32", keep: bool = False) -> list[dict]:
+    import torch
+
+    from panoptem.inference.engine import Params2D
+    from panoptem.inference.volume import Engine3D
+
+    cfg = "panoptem_mito_small" if model == "bundled" else random_model(model, cache)
+    engine = Engine3D(cfg, device=device, precision=precision)
+    p2 = Params2D().validated()
+    rows = []
+    for mode in modes:
+        axes = ["xy", "xz", "yz"] if mode == "ortho" else ["xy"]
+        forward_only(engine.engine2d, volume, axes, p2)  # warm-up: every slice shape once
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        fo = forward_only(engine.engine2d, volume, axes, p2)
+        row = {"model": model, "volume": vol_name, "mode": mode, "precision": precision,
+               "slices": fo["slices"], "forward_s": round(fo["forward_s"], 3),
+               "forward_loop_s": round(fo["loop_s"], 3)}
+        for key, (overlap, post) in VARIANTS.items():
+            # random weights find many objects in the tiled volume
+            res, wall = segment(engine, volume, mode == "ortho", overlap, post,
+                                10000 if model == "bundled" else 10**6)
+            row[f"wall_{key}_s"] = round(wall, 3)
+            row[f"share_{key}"] = round(fo["forward_s"] / wall, 3)
+            labels = res.classes["mito"]
+            if key == "on":
+                first = labels
+            else:  # the way of running changes the time only
+                row[f"same_{key}"] = bool(np.array_equal(labels, first))
+            if key == "on":
+                row["objects"] = int(res.classes["mito"].max())
+                if keep:
+                    row["result"] = res.classes["mito"]
+        if torch.cuda.is_available():
+            row["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "result"}), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--volume", default=str(VOLUME))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", help="append one JSON line per result here")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="seconds after which no further case is started")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "panoptem-bench"))
+    args = ap.parse_args()
+
+    import tifffile
+    import torch
+
+    from panoptem.inference.volume import Engine3D, Params3D
+
+    t_start = time.perf_counter()
+    cache = Path(args.cache)
+    real = np.ascontiguousarray(tifffile.imread(args.volume))
+    big = np.ascontiguousarray(np.tile(real, (1, 4, 4)))
+    vols = {f"{'x'.join(map(str, real.shape))}": real, f"{'x'.join(map(str, big.shape))}": big}
+    small, large = list(vols)
+    print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                      "cpu_threads": torch.get_num_threads()}), flush=True)
+    out = open(args.json, "a") if args.json else None  # noqa: SIM115
+
+    def emit(rows):
+        for r in rows:
+            if out:
+                out.write(json.dumps({k: v for k, v in r.items() if k != "result"}) + "\n")
+                out.flush()
+
+    gpu = {}
+
+    def agree_with_cpu():
+        """The bundled model on the CPU, against the GPU's results (float32 and bfloat16)."""
+        cpu = Engine3D("panoptem_mito_small", device="cpu")
+        rows = []
+        for mode in ("stack", "ortho"):
+            ref = cpu.segment(real, params3d=Params3D(ortho_plane=mode == "ortho")).classes["mito"]
+            row = {"check": "agreement", "mode": mode, "volume": small,
+                   "cuda_float32_vs_cpu": agreement(gpu[("float32", mode)], ref)}
+            if ("bfloat16", mode) in gpu:
+                row["cuda_bfloat16_vs_cuda_float32"] = agreement(gpu[("bfloat16", mode)],
+                                                                 gpu[("float32", mode)])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        return rows
+
+    def bundled(precision):
+        rows = run_case("bundled", small, real, ["stack", "ortho"], args.device, cache, precision, keep=True)
+        for r in rows:
+            gpu[(precision, r["mode"])] = r.pop("result")
+        return rows
+
+    plan = [
+        lambda: bundled("float32"),
+        lambda: run_case("v1", small, real, ["stack", "ortho"], args.device, cache),
+        lambda: run_case("v1", large, big, ["stack"], args.device, cache),
+        lambda: bundled("bfloat16"),
+        agree_with_cpu,
+        lambda: run_case("v1", large, big, ["stack"], args.device, cache, "bfloat16"),
+        lambda: run_case("mini", small, real, ["stack", "ortho"], args.device, cache),
+        lambda: run_case("mini", large, big, ["stack"], args.device, cache),
+        lambda: run_case("v1", large, big, ["ortho"], args.device, cache),
+        lambda: run_case("bundled", large, big, ["stack", "ortho"], args.device, cache),
+    ]
+    results = []
+    for step in plan:
+        if time.perf_counter() - t_start > args.budget:
+            print(json.dumps({"skipped": "budget"}), flush=True)
+            break
+        rows = step()
+        emit(rows)
+        results += rows
+    print(f"\n{'model':8} {'volume':14} {'mode':6} {'prec':9} {'fwd s':>7}"
+          + "".join(f" {'wall ' + k:>10} {'share':>6}" for k in VARIANTS))
+    for r in results:
+        if "wall_on_s" in r:
+            print(f"{r['model']:8} {r['volume']:14} {r['mode']:6} {r['precision']:9} {r['forward_s']:7.2f}"
+                  + "".join(f" {r[f'wall_{k}_s']:10.2f} {r[f'share_{k}']:6.2f}" for k in VARIANTS))
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
