@@ -77,6 +77,28 @@ def test_corrupt_pth(tmp_path):
     assert str(bad) in message and "TorchScript" in message
 
 
+def test_file_from_a_newer_torch_says_so(tmp_path, tiny_pth):
+    """A file that calls an operation this torch lacks (torch 2.13's scripted interpolate
+    names a lanczos resize that torch 2.11 does not know: seen with the bundled model)."""
+    import zipfile
+
+    newer = tmp_path / "newer.pth"
+    with zipfile.ZipFile(tiny_pth) as src, zipfile.ZipFile(newer, "w") as dst:
+        edited = 0
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("modelfiles.py"):  # Tiny's forward
+                data = data.replace(b"torch.slice(", b"torch._upsample_from_the_future(", 1)
+                edited += 1
+            dst.writestr(info, data)
+    assert edited
+    with pytest.raises(PanoptemError) as err:
+        loading.load_model(make_config(model=str(newer)))
+    message = str(err.value)
+    assert str(newer) in message and "newer PyTorch" in message and torch.__version__ in message
+    assert "copy or download it again" not in message
+
+
 def test_state_dict_is_not_torchscript(tmp_path):
     ckpt = tmp_path / "checkpoint.pth"
     torch.save(Tiny().state_dict(), ckpt)

@@ -209,7 +209,13 @@ def _jit_load(path: Path, device: torch.device, source: str) -> Any:
         raise
     except Exception as exc:
         reason = describe(exc)
-        if _download.is_url(source):
+        if "Unknown builtin op" in str(exc):
+            advice = (
+                f"The file calls an operation that this PyTorch ({torch.__version__}) does not "
+                "have, so it was most likely saved by a newer PyTorch: upgrade PyTorch "
+                "(pip install -U torch), or export the model again with this version."
+            )
+        elif _download.is_url(source):
             advice = (
                 f"It is the downloaded copy of {source}: delete {path} and load the model "
                 "again to download a fresh copy."
