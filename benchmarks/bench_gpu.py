@@ -1,14 +1,18 @@
 """3D inference on a CUDA GPU: how much of the wall time the forward passes fill.
 
 For each case (a model and a volume) it runs stack and ortho-plane inference
-(``Engine3D.segment``) twice, with the forward passes overlapped with everything else (the
-default on a GPU: ``segment_stack(overlap=True)``) and without, and the same forward passes
-alone (every slice of every plane through ``Engine2D.outputs_batch``, read and normalised
-as ``segment_stack`` does). It reports
+(``Engine3D.segment``) three ways (:data:`VARIANTS`): ``on``, the default on a GPU (the
+forward passes run ahead in a thread of their own, several slices are post-processed at
+once: ``segment_stack(overlap=True)``, ``post`` from ``post_workers``); ``post1``, the same
+with one slice post-processed at a time; ``off``, everything in one thread. It also runs the
+same forward passes alone (every slice of every plane through ``Engine2D.outputs_batch``,
+read and normalised as ``segment_stack`` does). It reports, per way of running,
 
-- ``wall_s``: the whole ``segment`` call (post-processing, matching, consensus, writing),
-- ``forward_s``: the model calls alone, each synchronised, summed over the forward-only run,
-- ``share``: ``forward_s / wall_s``, the forward passes' share of the wall time.
+- ``wall_<way>_s``: the whole ``segment`` call (post-processing, matching, consensus, writing),
+- ``share_<way>``: ``forward_s / wall``, the forward passes' share of the wall time,
+- ``same_<way>``: whether its labels equal those of ``on`` (they must),
+
+and ``forward_s``, the model calls alone, each synchronised, summed over the forward-only run.
 
 It also runs the bundled model on the CPU and reports the agreement of the GPU's results
 with the CPU's (instance F1 at IoU 0.5, foreground IoU), and of bfloat16 with float32.
