@@ -87,11 +87,13 @@ def overlaps(a, b) -> Overlaps:
         counts = np.bincount(code, minlength=na * nb)
         codes = np.flatnonzero(counts)
         cnt = counts[codes]
+        table = counts.reshape(na, nb)  # the areas are its row and column sums
+        area_a, area_b = table.sum(axis=1, dtype=np.int64), table.sum(axis=0, dtype=np.int64)
     else:
         codes, cnt = np.unique(code, return_counts=True)
+        area_a = np.bincount(ka, minlength=na).astype(np.int64)
+        area_b = np.bincount(kb, minlength=nb).astype(np.int64)
     ra, rb = np.divmod(codes, nb)
-    area_a = np.bincount(ka, minlength=na).astype(np.int64)
-    area_b = np.bincount(kb, minlength=nb).astype(np.int64)
     za = int(na > 0 and ua[0] == 0)  # 0 sorts first when present
     zb = int(nb > 0 and ub[0] == 0)
     background = int(cnt[(ra == 0) & (rb == 0)].sum()) if za and zb else 0

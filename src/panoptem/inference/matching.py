@@ -9,6 +9,7 @@ new object gets a fresh id (forward pass) or keeps its id (backward pass).
 
 from __future__ import annotations
 
+import fastremap
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -64,7 +65,7 @@ def match_slice(target: np.ndarray | None, labels: np.ndarray, next_label: int,
         fresh = np.nonzero(~decided)[0]
         new_ids[fresh] = next_label + np.arange(len(fresh))
         next_label += len(fresh)
-    lut_keys = np.concatenate([[0], ids_n])
-    lut_vals = np.concatenate([[0], new_ids])
-    out = lut_vals[np.searchsorted(lut_keys, labels)].astype(np.int32)
+    mapping = dict(zip(ids_n.tolist(), new_ids.tolist(), strict=True))
+    mapping[0] = 0
+    out = fastremap.remap(labels.astype(np.int32, copy=False), mapping, in_place=False)
     return out, next_label

@@ -112,6 +112,11 @@ def median_filtered(items: Iterator, size: int) -> Iterator:
 
 def _median(stack: torch.Tensor) -> torch.Tensor:
     n = stack.shape[0]
+    if n == 2:
+        return (stack[0] + stack[1]) / 2
+    if n == 3:  # the middle value, without a sort (3x faster for the default median size)
+        a, b, c = stack
+        return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
     srt = stack.sort(dim=0).values
     if n % 2:
         return srt[n // 2]
@@ -175,13 +180,26 @@ def _update_stats(stats: dict, s: int, labels: np.ndarray) -> None:
 
 
 def _match_classes(target: np.ndarray | None, pan: np.ndarray, thing_list, div: int,
-                   next_label: dict, assign_new: bool) -> np.ndarray:
-    """Match every thing class of one panoptic slice; stuff ids pass through."""
-    out = np.where(pan % div == 0, pan, 0).astype(np.int32)
-    cls = pan // div
+                   next_label: dict, assign_new: bool,
+                   target_parts: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Match every thing class of one panoptic slice; stuff ids pass through.
+
+    Returns the matched slice and its objects per thing class (class -> ids of that class,
+    0 elsewhere). When the next call's ``target`` is this slice, pass them as its
+    ``target_parts``, so that they are not cut out of it again.
+    """
+    cls, rem = np.divmod(pan, div)
+    thing = rem > 0
+    out = np.where(thing, 0, pan).astype(np.int32, copy=False)
+    parts = {}
     for c in thing_list:
-        part = np.where((cls == c) & (pan % div > 0), pan, 0)
-        tgt = None if target is None else np.where((target // div == c) & (target % div > 0), target, 0)
+        part = np.where(thing & (cls == c), pan, 0)
+        if target_parts is not None:
+            tgt = target_parts[c]
+        elif target is not None:
+            tgt = np.where((target // div == c) & (target % div > 0), target, 0)
+        else:
+            tgt = None
         if tgt is not None and not tgt.any():
             tgt = None
         matched, nxt = match_slice(tgt, part, next_label[c], assign_new=assign_new)
@@ -193,8 +211,9 @@ def _match_classes(target: np.ndarray | None, pan: np.ndarray, thing_list, div: 
                 "per class in 3D'."
             )
         next_label[c] = nxt
+        parts[c] = matched
         out = np.where(matched > 0, matched, out)
-    return out
+    return out, parts
 
 
 def _input_pixels(shape: tuple[int, int], downsampling: int, padding_factor: int = 1) -> int:
@@ -398,8 +417,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     pans = (ordered_map(panoptic, filtered, post, name=f"panoptem-post-{axis}") if post > 1
             else map(panoptic, filtered))
     try:
+        parts = None
         for i, pan in enumerate(pans):
-            target = _match_classes(target, pan, things, div, next_label, assign_new=True)
+            target, parts = _match_classes(target, pan, things, div, next_label, assign_new=True,
+                                           target_parts=parts)
             store[i] = target
             prog.advance()
     finally:  # on an error or a cancelled run: stop the threads before returning
@@ -413,11 +434,12 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
 
     result = StackResult(axis, store, div)
     prog.stage(f"matching {axis}", n)
-    target = None
+    target = parts = None
     for i in range(n - 1, -1, -1):
         pan = np.asarray(store[i])
         if target is not None:
-            pan = _match_classes(target, pan, things, div, next_label, assign_new=False)
+            pan, parts = _match_classes(target, pan, things, div, next_label, assign_new=False,
+                                        target_parts=parts)
             store[i] = pan
         _update_stats(result.stats, i, pan)
         target = pan
