@@ -139,7 +139,13 @@ def _case_config(name: str, args, work: Path, quantized: bool, own_int8: bool = 
     cfg = yaml.safe_load((models / f"{ARCHS[arch]}.yaml").read_text())
     cfg["model"] = str((models / Path(cfg["model"]).name).resolve())
     if quantized and (arch == "v1" or own_int8):
-        cfg["model_quantized"] = str(quantized_panoptem(models, cfg, arch))
+        # made in a process of its own: a child inherits this process's peak RSS as its own
+        # starting peak (Linux carries it over exec), so this process must stay small
+        made = subprocess.run([sys.executable, __file__, "--make-int8", arch, "--anchor-dir", str(args.anchor_dir)],
+                              input=yaml.safe_dump(cfg), capture_output=True, text=True)
+        if made.returncode:
+            raise RuntimeError(f"{name}: panoptem's int8 export failed:\n{made.stderr[-3000:]}")
+        cfg["model_quantized"] = made.stdout.strip().splitlines()[-1]
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config
@@ -231,9 +237,14 @@ def main() -> None:
     ap.add_argument("--fine-boundaries", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    # internal: make panoptem's int8 export of the anchor (config on stdin), print its path
+    ap.add_argument("--make-int8", choices=list(ARCHS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ours:
         return run_panoptem(args)
+    if args.make_int8:
+        cfg = yaml.safe_load(sys.stdin.read())
+        return print(quantized_panoptem(Path(args.anchor_dir) / "models", cfg, args.make_int8))
     data = Path(args.anchor_dir) / "data"
     args.image = args.image or str(data / "img2d_1024.npy")
     args.volume = args.volume or str(data / "vol3d_64x256x256.npy")

@@ -145,10 +145,9 @@ def test_one_worker_keeps_the_forward_passes_in_the_calling_thread(small_config,
     assert watched.threads == {threading.current_thread().name}
 
 
-class Paired(Engine2D):
-    """A real engine whose first two forward passes wait for each other (20 s at most:
-    one pass at a time never gets there), recording where each pass ran, with how many
-    intra-op threads and on how many slices."""
+class _FirstTwoMeet(Engine2D):
+    """A real engine whose first two calls of a watched method wait for each other (20 s
+    at most: one call at a time never gets there), recording the threads they ran in."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -156,20 +155,34 @@ class Paired(Engine2D):
         self.lock = threading.Lock()
         self.calls = 0
         self.threads: set[str] = set()
+
+    def _meet(self, record=lambda: None) -> None:
+        with self.lock:
+            self.calls += 1
+            first_two = self.calls <= 2
+            self.threads.add(threading.current_thread().name)
+            record()
+        if first_two:
+            self.barrier.wait()  # raises BrokenBarrierError unless both run at once
+
+
+class Paired(_FirstTwoMeet):
+    """Its first two forward passes meet; it records with how many intra-op threads and on
+    how many slices each pass ran."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.intra_op: set[int] = set()
         self.sizes: list[int] = []  # slices per forward pass, in the order they began
 
     def heads_batch(self, images, *args):
         import torch
 
-        with self.lock:
-            self.calls += 1
-            first_two = self.calls <= 2
-            self.threads.add(threading.current_thread().name)
+        def record():
             self.intra_op.add(torch.get_num_threads())
             self.sizes.append(len(images))
-        if first_two:
-            self.barrier.wait()  # raises BrokenBarrierError unless both run at once
+
+        self._meet(record)
         return super().heads_batch(images, *args)
 
 
@@ -357,24 +370,11 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap
     assert not _ahead_threads()
 
 
-class PairedPost(Engine2D):
-    """Post-processes the first two slices only while both are post-processed at once
-    (post-processing one at a time never gets past the barrier)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.barrier = threading.Barrier(2, timeout=20)
-        self.lock = threading.Lock()
-        self.calls = 0
-        self.threads: set[str] = set()
+class PairedPost(_FirstTwoMeet):
+    """Its first two slices are post-processed only while both are at once."""
 
     def panoptic(self, *args):
-        with self.lock:
-            self.calls += 1
-            first_two = self.calls <= 2
-            self.threads.add(threading.current_thread().name)
-        if first_two:
-            self.barrier.wait()  # raises BrokenBarrierError unless both run at once
+        self._meet()
         return super().panoptic(*args)
 
 
