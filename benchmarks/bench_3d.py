@@ -37,9 +37,10 @@ SBEM = ROOT.parent / "shared" / "data" / "cdeep3m_sbem_mito" / "train" / "images
 CACHE = Path.home() / ".cache" / "panoptem-bench"
 
 
-def config(model_path) -> dict:
+def config(model_path, padding_factor: int = 16) -> dict:
     return {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1], "model": str(model_path),
-            "model_quantized": None, "padding_factor": 16, "norms": {"mean": 0.57571, "std": 0.12765}}
+            "model_quantized": None, "padding_factor": padding_factor,
+            "norms": {"mean": 0.57571, "std": 0.12765}}
 
 
 def peak_rss_mb() -> float:

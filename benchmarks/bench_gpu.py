@@ -41,14 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-VOLUME = ROOT.parent / "shared" / "data" / "lucchi_pp" / "volume3d" / "test_image_z0-63_y0-255_x192-447.tif"
-
-
-def _config(model_path, padding_factor: int) -> dict:
-    return {"class_names": {1: "mito"}, "labels": [1], "thing_list": [1], "model": str(model_path),
-            "model_quantized": None, "padding_factor": padding_factor,
-            "norms": {"mean": 0.57571, "std": 0.12765}}
+from bench_3d import VOLUME, config  # noqa: E402
+from side_by_side_2d import agreement  # noqa: E402
 
 
 def random_model(name: str, cache: Path) -> dict:
@@ -64,7 +58,7 @@ def random_model(name: str, cache: Path) -> dict:
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         export_torchscript(untrained_model(arch), path)
-    return _config(path, 128 if name == "mini" else 16)  # as the released files' configs
+    return config(path, 128 if name == "mini" else 16)  # as the released files' configs
 
 
 def _sync() -> None:
@@ -116,13 +110,6 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
 #: The ways a case runs: forward passes overlapped with several slices post-processed at
 #: once (the default on a GPU), overlapped with one slice at a time, and all in one thread.
 VARIANTS = {"on": (True, None), "post1": (True, 1), "off": (False, 1)}
-
-
-def agreement(a, b) -> dict:
-    from panoptem.evaluation import evaluate
-
-    m = evaluate(a, b)
-    return {"f1": round(m.f1, 4), "fg_iou": round(m.fg_iou, 4)}
 
 
 def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
@@ -207,10 +194,10 @@ def main() -> None:
         for mode in ("stack", "ortho"):
             ref = cpu.segment(real, params3d=Params3D(ortho_plane=mode == "ortho")).classes["mito"]
             row = {"check": "agreement", "mode": mode, "volume": small,
-                   "cuda_float32_vs_cpu": agreement(gpu[("float32", mode)], ref)}
+                   "cuda_float32_vs_cpu": agreement(ref, gpu[("float32", mode)])}
             if ("bfloat16", mode) in gpu:
-                row["cuda_bfloat16_vs_cuda_float32"] = agreement(gpu[("bfloat16", mode)],
-                                                                 gpu[("float32", mode)])
+                row["cuda_bfloat16_vs_cuda_float32"] = agreement(gpu[("float32", mode)],
+                                                                 gpu[("bfloat16", mode)])
             rows.append(row)
             print(json.dumps(row), flush=True)
         return rows

@@ -14,6 +14,7 @@ zarr array on disk, so memory stays bounded by a few slices.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -254,8 +255,6 @@ def post_workers(engine) -> int:
     model's forward passes filled only 22-48 % of a 64 x 256 x 256 run with one slice
     post-processed at a time (26-51 % with four).
     """
-    import os
-
     if engine.device.type == "cpu":
         return 1
     return max(1, min(MAX_POST_WORKERS, (os.cpu_count() or 1) - 2))
