@@ -230,8 +230,8 @@ def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
     module = torch.jit.script(Tiny()).eval()
     made = []
 
-    def freeze(m, rewrite, onednn=False):
-        made.append(("freeze", rewrite, onednn))
+    def freeze(m, rewrite, onednn=False, rows=False):
+        made.append(("freeze", rewrite, onednn, rows))
         return torch.jit.freeze(m)
 
     def convert(frozen):
@@ -252,8 +252,10 @@ def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
         warnings.simplefilter("error")
         prepared, optimized = loading.prepare_for_inference(module, torch.device("cpu"), 16)
     assert optimized and prepared is not module
-    assert made == [("freeze", True, True), "channels-last", ("freeze", True, True), "optimize",
-                    ("freeze", False, False), "channels-last", ("freeze", False, False), "optimize"]
+    # the channels-last copy with the rewrite has its point heads on points as rows
+    assert made == [("freeze", True, True, True), "channels-last", ("freeze", True, True, False),
+                    "optimize", ("freeze", False, False, False), "channels-last",
+                    ("freeze", False, False, False), "optimize"]
     assert [len(loading._prepared_candidates(module, torch.device(d))) for d in ("cpu", "cuda")] == [4, 2]
     monkeypatch.setattr(loading, "channels_last_pays", lambda: False)  # no AVX-512
     assert len(loading._prepared_candidates(module, torch.device("cpu"))) == 2

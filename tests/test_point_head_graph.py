@@ -2,11 +2,13 @@
 
 The rewritten first layer has two branches, chosen per call: the feature map projected
 and then sampled (fewer map pixels than points), or the file's own concatenation and
-convolution. Both must give the file's outputs.
+convolution. Both must give the file's outputs, and so must both branches of the head on
+points as rows (``rows=True``, panoptem._point_rows), which the channels-last CPU model runs.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from modelfiles import JIT_DEPRECATION, Tiny
 from panoptem import loading
+from panoptem._conv_graph import channels_last_convolutions
 from panoptem._point_head_graph import (
     onednn_point_convolutions,
     rewrite_point_heads,
@@ -37,49 +40,87 @@ def _projected_first(module, *args) -> bool:
     return any(len(s) == 4 and s[1] == 1 and s[2] == 1 for s in inputs)
 
 
+def _row_layers(module, *args) -> int:
+    """How many point-head layers a call of a model with the head on points as rows ran as
+    convolutions of rows (input (1, channels, 1, points)): 2 per step after projecting
+    first, 3 per step otherwise (the predictor is a matrix product)."""
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+        module(*args)
+    kinds = ("aten::convolution", "mkldnn::_convolution_pointwise")
+    return sum(e.name in kinds and len(shape) == 4 and shape[0] == 1 and shape[2] == 1
+               and shape[3] > 1 for e in prof.events()
+               for shape in [next((s for s in e.input_shapes if s), [])])
+
+
 def _normalised(image) -> torch.Tensor:
     x = torch.from_numpy(image.astype("float32") / 255.0)
     return ((x - 0.57571) / 0.12765)[None, None]
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("size, projected", [(128, True), (384, False)])
-def test_bundled_model_rewritten_gives_the_files_outputs(lucchi_image, size, projected):
+def test_bundled_model_rewritten_gives_the_files_outputs(lucchi_image, size, projected, rows):
     """On a real EM crop: 128 x 128 has a 32 x 32 feature map for 4096 and 8192 points
-    (projected); 384 x 384 has 96 x 96 = 9216 pixels for 8192 points (the file's layer)."""
+    (projected); 384 x 384 has 96 x 96 = 9216 pixels for 8192 points (the file's layer).
+    On points as rows, also once its convolutions are channels-last ones, as load_model
+    prepares it on CPUs with AVX-512."""
     plain = loading.load_model("panoptem_mito_small", optimize=False).module
     frozen = torch.jit.freeze(plain.eval())
-    assert rewrite_point_heads(frozen) == 1
+    assert rewrite_point_heads(frozen, rows=rows) == 1
     x = _normalised(lucchi_image[:size, :size])
+    versions = [frozen]
+    if rows:
+        assert len(frozen.graph.findAllNodes("aten::embedding_bag", True)) == 2
+        assert len(frozen.graph.findAllNodes("aten::conv1d", True)) == 0
+        if torch.backends.mkldnn.is_available():
+            converted = copy.deepcopy(frozen)
+            assert channels_last_convolutions(converted) > 40
+            versions.append(converted)
     with torch.inference_mode():
-        want, got = plain(x, 2, True), frozen(x, 2, True)
-    for key in ("sem_logits", "ctr_hmp", "offsets"):
-        assert torch.allclose(want[key], got[key], atol=1e-4), key
-    assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.999
-    assert _projected_first(frozen, x, 2, True) is projected
+        want = plain(x, 2, True)
+        for version in versions:
+            got = version(x, 2, True)
+            for key in ("sem_logits", "ctr_hmp", "offsets"):
+                assert torch.allclose(want[key], got[key], atol=1e-4), key
+            assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.999
+    for version in versions:
+        if rows:
+            assert _row_layers(version, x, 2, True) == 2 * (2 if projected else 3)
+        else:
+            assert _projected_first(version, x, 2, True) is projected
 
 
 def test_prepared_models_carry_the_rewrite(monkeypatch):
     """load_model's prepared float model and its bfloat16 one both have it; the file's
-    module (optimize=False) does not."""
-    def samplers(module) -> int:
-        return len(module.graph.findAllNodes("aten::grid_sampler", True))
+    module (optimize=False) does not. The float model on a CPU with AVX-512 (channels-last
+    convolutions) runs the head on points as rows, sampled by embedding_bag."""
+    def samplers(module) -> tuple[int, int]:
+        return tuple(len(module.graph.findAllNodes(kind, True))
+                     for kind in ("aten::grid_sampler", "aten::embedding_bag"))
 
     plain = loading.load_model("panoptem_mito_small", optimize=False).module
+    assert samplers(torch.jit.freeze(plain.eval())) == (2, 0)  # coarse logits and features
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    loading.clear_model_cache()
     fast = loading.load_model("panoptem_mito_small").module
-    assert samplers(torch.jit.freeze(plain.eval())) == 2  # coarse logits and features
-    assert samplers(fast) == 3  # the features once more, in the projected branch
+    assert samplers(fast) == (3, 0)  # the features once more, in the projected branch
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        loading.clear_model_cache()
+        fast = loading.load_model("panoptem_mito_small").module
+        assert samplers(fast) == (1, 2)  # the coarse logits; the features in each branch
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # no warning
     bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16").module
-    assert samplers(bf16.module) == 3
+    assert samplers(bf16.module) == (3, 0)
 
 
 class _Render(nn.Module):
     """PointRend inference alone, as panoptem's models script it."""
 
-    def __init__(self, num_points: int, kernel: int = 1, channels: int = 8) -> None:
+    def __init__(self, num_points: int, kernel: int = 1, channels: int = 8, classes: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.head = PointRendSemSegHead(channels, 1, subdivision_num_points=num_points)
+        self.head = PointRendSemSegHead(channels, classes, subdivision_num_points=num_points)
         if kernel != 1:  # a point head of the same pattern that is not point-wise
             for layer in self.head.point_head.fc_layers:
                 layer[0] = nn.Conv1d(channels + 1, channels, kernel, padding=kernel // 2)
@@ -105,6 +146,48 @@ def test_both_branches_equal_the_scripted_render(num_points, projected):
     assert _projected_first(frozen, coarse, features, 2) is projected
 
 
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("num_points, projected", [(128, True), (16, False)])
+def test_rows_head_equals_the_scripted_render(num_points, projected, classes):
+    """The head on points as rows, in both branches, for one class and for several, on a
+    batch of two: as rewritten, and with its convolutions made channels-last ones."""
+    render = _Render(num_points, classes=classes).eval()
+    coarse, features = torch.randn(2, classes, 8, 8), torch.randn(2, 8, 8, 8)
+    frozen = torch.jit.freeze(torch.jit.script(render))
+    assert rewrite_point_heads(frozen, rows=True) == 1
+    versions = [frozen]
+    if torch.backends.mkldnn.is_available():
+        converted = copy.deepcopy(frozen)
+        assert channels_last_convolutions(converted) > 0
+        versions.append(converted)
+    with torch.inference_mode():
+        want = render(coarse, features, 2)
+        for version in versions:
+            got = version(coarse, features, 2)
+            assert got.shape == (2, classes, 32, 32)
+            assert torch.allclose(want, got, atol=1e-5)
+            assert _row_layers(version, coarse, features, 2) == 2 * (2 if projected else 3)
+
+
+def test_rows_need_bilinear_sampling_with_zeros_outside():
+    """A head that samples its points otherwise (here: nearest) is rewritten as without
+    ``rows``, and computes what it did."""
+    render = _Render(128).eval()
+    frozen = torch.jit.freeze(torch.jit.script(render))
+    samplers = frozen.graph.findAllNodes("aten::grid_sampler", True)
+    assert len(samplers) == 2
+    for node in samplers:
+        node.replaceInput(2, frozen.graph.insertConstant(1))  # mode: nearest
+        node.inputsAt(2).node().moveBefore(node)
+    nearest = copy.deepcopy(frozen)
+    assert rewrite_point_heads(frozen, rows=True) == 1
+    assert len(frozen.graph.findAllNodes("aten::embedding_bag", True)) == 0
+    assert len(frozen.graph.findAllNodes("aten::grid_sampler", True)) == 3
+    coarse, features = torch.randn(1, 1, 8, 8), torch.randn(1, 8, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(nearest(coarse, features, 2), frozen(coarse, features, 2), atol=1e-5)
+
+
 def test_graphs_it_does_not_cover_are_left_as_they_are():
     render = _Render(128, kernel=3).eval()
     frozen = torch.jit.freeze(torch.jit.script(render))
@@ -121,7 +204,7 @@ def test_graphs_it_does_not_cover_are_left_as_they_are():
 
 
 def test_a_rewrite_that_fails_leaves_the_frozen_model_without_it(monkeypatch):
-    def fail(frozen):
+    def fail(frozen, rows=False):
         raise RuntimeError("pattern rewriting is not supported here")
 
     monkeypatch.setattr(loading, "rewrite_point_heads", fail)

@@ -19,6 +19,10 @@ released MitoNet files and in panoptem's own exports (``num_fc`` 3, the coarse p
 every layer, ``point_sample`` on 3-D coordinates). A graph without it, or with a 1-D
 convolution that is not point-wise, computes what it did.
 
+On CPUs where the model's convolutions become channels-last oneDNN ones
+(:mod:`panoptem._conv_graph`), ``rewrite_point_heads(rows=True)`` replaces the head by
+:mod:`panoptem._point_rows`' instead: the same projection, on points as rows.
+
 On CPU, :func:`onednn_point_convolutions` also makes the point head's 1-D convolutions
 oneDNN 2-D ones. torch sends a 1 x 1 convolution on one thread to its own kernel, which ran
 these layers (8192 points) 2x slower than oneDNN; the 3D modes run two slices at a time
@@ -154,10 +158,15 @@ def _fold_point_coordinate_rank(graph: Any) -> None:
     graph.setInsertPoint(graph.block())
 
 
-def rewrite_point_heads(frozen: Any) -> int:
+def rewrite_point_heads(frozen: Any, rows: bool = False) -> int:
     """Replace the PointRend point heads in ``frozen`` (a module from ``torch.jit.freeze``)
     in place; return how many were replaced. With 0 the graph computes what it did: it is
-    untouched if it has no point-wise 1-D convolutions, else at most simplified."""
+    untouched if it has no point-wise 1-D convolutions, else at most simplified.
+
+    With ``rows``, the replacement runs the head on points as rows
+    (:mod:`panoptem._point_rows`), for CPU float models whose convolutions are then made
+    channels-last ones; where a point is sampled otherwise than bilinearly with zeros
+    outside (``align_corners=False``), the head is replaced as without ``rows``."""
     import torch
 
     graph = frozen.graph
@@ -166,12 +175,29 @@ def rewrite_point_heads(frozen: Any) -> int:
     _fold_point_coordinate_rank(graph)
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_dce(graph)
+    if rows and _bilinear_zeros_only(graph):
+        from panoptem._point_rows import replacement
+
+        before = _count(graph, "aten::embedding_bag")
+        torch._C._jit_pass_custom_pattern_based_rewrite_graph(_PATTERN, replacement(), graph)
+        # the weights' slices and views, as constants
+        torch._C._jit_pass_constant_propagation(graph)
+        torch._C._jit_pass_dce(graph)
+        return (_count(graph, "aten::embedding_bag") - before) // 2  # one per branch
     before = _count(graph, "aten::grid_sampler")
     torch._C._jit_pass_custom_pattern_based_rewrite_graph(_PATTERN, _REPLACEMENT, graph)
     # split the first layer's weight now, into contiguous constants (oneDNN cannot take
     # views of the weights optimize_for_inference converts)
     torch._C._jit_pass_constant_propagation(graph)
     return _count(graph, "aten::grid_sampler") - before
+
+
+def _bilinear_zeros_only(graph: Any) -> bool:
+    """Every ``aten::grid_sampler`` in ``graph`` samples bilinearly (mode 0), with zeros
+    outside (padding 0) and ``align_corners=False``, in constant arguments: the sampling
+    that :mod:`panoptem._point_rows` does."""
+    return all([constant(node.inputsAt(i)) for i in (2, 3, 4)] == [0, 0, False]
+               for node in walk(graph.block()) if node.kind() == "aten::grid_sampler")
 
 
 def onednn_point_convolutions(frozen: Any) -> int:

@@ -276,24 +276,25 @@ def _check_image(device: torch.device, padding_factor: int) -> torch.Tensor:
     return torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _freeze(module: Any, rewrite: bool, onednn: bool = False) -> Any:
+def _freeze(module: Any, rewrite: bool, onednn: bool = False, rows: bool = False) -> Any:
     """``torch.jit.freeze`` of ``module``; with ``rewrite``, its PointRend point heads
-    replaced by :func:`~panoptem._point_head_graph.rewrite_point_heads`, and with ``onednn``
-    (float32 on CPU) their 1-D convolutions made oneDNN ones
-    (:func:`~panoptem._point_head_graph.onednn_point_convolutions`)."""
+    replaced by :func:`~panoptem._point_head_graph.rewrite_point_heads` (on points as rows
+    with ``rows``), and with ``onednn`` (float32 on CPU) their remaining 1-D convolutions
+    made oneDNN ones (:func:`~panoptem._point_head_graph.onednn_point_convolutions`)."""
     import torch
 
     frozen = torch.jit.freeze(module.eval())
     if rewrite:
-        rewrite_point_heads(frozen)
+        rewrite_point_heads(frozen, rows=rows)
     if onednn:
         onednn_point_convolutions(frozen)
     return frozen
 
 
 def _channels_last(module: Any, rewrite: bool) -> Any:
-    """Frozen as by :func:`_freeze` (CPU), its convolutions made channels-last oneDNN ones."""
-    frozen = _freeze(module, rewrite, onednn=rewrite)
+    """Frozen as by :func:`_freeze` (CPU), its point heads on points as rows, its
+    convolutions made channels-last oneDNN ones."""
+    frozen = _freeze(module, rewrite, onednn=rewrite, rows=rewrite)
     if not channels_last_convolutions(frozen):
         raise RuntimeError("it has no convolutions that oneDNN's channels-last kernels can take")
     return frozen
@@ -324,7 +325,8 @@ def prepare_for_inference(module: Any, device: torch.device, padding_factor: int
     """A frozen, device-optimised copy of ``module``, or ``module`` itself if that fails.
 
     The copy's PointRend point heads are rewritten (:mod:`panoptem._point_head_graph`) and,
-    on CPU, its convolutions made channels-last oneDNN ones (:mod:`panoptem._conv_graph`);
+    on CPU, its convolutions made channels-last oneDNN ones (:mod:`panoptem._conv_graph`),
+    with the point heads then on points as rows (:mod:`panoptem._point_rows`);
     a copy that cannot be made, or that then fails the check, is made again the next way
     (:func:`_prepared_candidates`). Each copy is checked against the module on a small
     random test image (about 64 x 64, in whole padding units) with one PointRend step and
