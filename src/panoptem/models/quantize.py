@@ -225,6 +225,12 @@ class Int8PointHead(nn.Module):
     (:func:`~panoptem.models.point_rend.sample_rows`), so nothing is transposed or
     concatenated. The points of each image are quantized on their own, so an image's
     result does not depend on the others in its batch.
+
+    Where the feature map has fewer pixels than there are points, the first layer runs on
+    the map's pixels and its result is sampled (both are linear; its bias is added after
+    sampling, as sampling weighs pixels outside the map with zeros), as the prepared float
+    model does (:mod:`panoptem._point_head_graph`). MitoNet_v1's 256 x 256 slices have a
+    64 x 64 map for 8192 points per step.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -244,6 +250,10 @@ class Int8PointHead(nn.Module):
                 packed = torch.quantize_per_channel(inner, scales, torch.zeros_like(scales, dtype=torch.long),
                                                     0, torch.qint8)
                 linear.set_weight_bias(packed, conv.bias.detach().clone())
+                if not len(self.layers):  # the first, for a map's pixels: its bias after sampling
+                    self.first_unbiased = DynamicLinear(inner.shape[1], inner.shape[0], dtype=torch.qint8)
+                    self.first_unbiased.set_weight_bias(packed, None)
+                    self.register_buffer("first_bias", conv.bias.detach().clone())
                 self.layers.append(linear)
                 coarse.append(weight[:, -classes:].t())
             predictor = head.predictor.weight[:, :, 0]
@@ -255,12 +265,18 @@ class Int8PointHead(nn.Module):
 
     def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Refined logits (P, C) of points given as rows: ``fine`` (P, nin), ``coarse`` (P, C)."""
+        return self._after_first(self.layers[0](fine), coarse)
+
+    def _after_first(self, first: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """The logits from the first layer's features part ``first`` (P, fc_dim, with its
+        bias) on: the coarse logits' part of each layer, the ReLUs, the later layers."""
         # the coarse logits' part is added class by class, elementwise: as a matrix product
         # with C = 1 columns (which TorchScript splits into mm + add) it took 4x longer
         classes = coarse.shape[1]
-        x = fine
+        x = first
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if i > 0:
+                x = layer(x)
             for c in range(classes):
                 x.addcmul_(coarse[:, c:c + 1], self.coarse_weights[i, c])
             x = torch.relu_(x)
@@ -272,14 +288,23 @@ class Int8PointHead(nn.Module):
     def predict(self, features: torch.Tensor, coarse: torch.Tensor,
                 point_coords: torch.Tensor) -> torch.Tensor:
         """As :meth:`StandardPointHead.predict`: logits (N, C, P) at ``point_coords``."""
-        taps, tap_weights = bilinear_taps(point_coords, features.shape[-2], features.shape[-1])
+        h, w = features.shape[-2], features.shape[-1]
+        taps, tap_weights = bilinear_taps(point_coords, h, w)
         if coarse.shape[-2:] == features.shape[-2:]:
             coarse_taps, coarse_tap_weights = taps, tap_weights
         else:
             coarse_taps, coarse_tap_weights = bilinear_taps(point_coords, coarse.shape[-2], coarse.shape[-1])
-        out = [self(sample_rows(features, taps, tap_weights, i),
-                    sample_rows(coarse, coarse_taps, coarse_tap_weights, i)).t()
-               for i in range(point_coords.shape[0])]
+        out = []
+        for i in range(point_coords.shape[0]):
+            coarse_rows = sample_rows(coarse, coarse_taps, coarse_tap_weights, i)
+            if h * w < point_coords.shape[1]:  # project first
+                pixels = features[i].permute(1, 2, 0).reshape(h * w, -1).contiguous()
+                first = F.embedding_bag(taps[i], self.first_unbiased(pixels),
+                                        per_sample_weights=tap_weights[i], mode="sum")
+                logits = self._after_first(first.add_(self.first_bias), coarse_rows)
+            else:
+                logits = self(sample_rows(features, taps, tap_weights, i), coarse_rows)
+            out.append(logits.t())
         return torch.stack(out)
 
 
