@@ -112,6 +112,7 @@ def test_prepared_models_carry_the_rewrite(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # no warning
     bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16").module
     assert samplers(bf16.module) == (3, 0)
+    loading.clear_model_cache()  # no model prepared for a patched CPU is left for later tests
 
 
 class _Render(nn.Module):

@@ -77,8 +77,7 @@ def test_int8_export_of_the_bundled_model_agrees_with_float(tmp_path, lucchi_ima
     # PointRend's convolutions stay float; its point MLP is an int8 matrix product on rows
     assert _int8_convs(int8.semantic_pr) == 0
     layers = [sub for sub in int8.semantic_pr.point_head.modules() if sub.original_name == "Linear"]
-    # and the first once more, without its bias, for a feature map's pixels (project first)
-    assert len(layers) == len(model.semantic_pr.point_head.fc_layers) + 1
+    assert len(layers) == len(model.semantic_pr.point_head.fc_layers)
     assert all("quantized.linear_dynamic(" in layer.code for layer in layers)
 
     # the file runs through the engine at image sizes it was not traced with

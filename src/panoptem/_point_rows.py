@@ -60,7 +60,9 @@ def rows_head(features: torch.Tensor, grid: torch.Tensor, mode: int, pad: int, a
     fc = w0.shape[0]
     k = w1.shape[1] - fc  # classes
     c = w0.shape[1] - k  # feature channels
-    # the four taps of each point, as grid_sample unnormalises (align_corners=False)
+    # the four taps of each point, as grid_sample unnormalises (align_corners=False); the
+    # same as panoptem.models.point_rend.bilinear_taps, which the loading layer may not
+    # import (the import-linter contracts in pyproject.toml)
     ix = (grid[:, :, 0, 0] + 1.0) * (w * 0.5) - 0.5
     iy = (grid[:, :, 0, 1] + 1.0) * (h * 0.5) - 0.5
     x0 = torch.floor(ix)

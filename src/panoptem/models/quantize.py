@@ -249,10 +249,10 @@ class Int8PointHead(nn.Module):
                 scales = inner.abs().amax(dim=1).clamp_min(1e-12) / 127.0
                 packed = torch.quantize_per_channel(inner, scales, torch.zeros_like(scales, dtype=torch.long),
                                                     0, torch.qint8)
-                linear.set_weight_bias(packed, conv.bias.detach().clone())
-                if not len(self.layers):  # the first, for a map's pixels: its bias after sampling
-                    self.first_unbiased = DynamicLinear(inner.shape[1], inner.shape[0], dtype=torch.qint8)
-                    self.first_unbiased.set_weight_bias(packed, None)
+                if len(self.layers):
+                    linear.set_weight_bias(packed, conv.bias.detach().clone())
+                else:  # the first may run on a map's pixels: its bias is added after sampling
+                    linear.set_weight_bias(packed, None)
                     self.register_buffer("first_bias", conv.bias.detach().clone())
                 self.layers.append(linear)
                 coarse.append(weight[:, -classes:].t())
@@ -268,12 +268,13 @@ class Int8PointHead(nn.Module):
         return self._after_first(self.layers[0](fine), coarse)
 
     def _after_first(self, first: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        """The logits from the first layer's features part ``first`` (P, fc_dim, with its
-        bias) on: the coarse logits' part of each layer, the ReLUs, the later layers."""
+        """The logits from the first layer's features part ``first`` (P, fc_dim, without
+        its bias) on: its bias, the coarse logits' part of each layer, the ReLUs, the later
+        layers."""
         # the coarse logits' part is added class by class, elementwise: as a matrix product
         # with C = 1 columns (which TorchScript splits into mm + add) it took 4x longer
         classes = coarse.shape[1]
-        x = first
+        x = first.add_(self.first_bias)
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x = layer(x)
@@ -299,9 +300,9 @@ class Int8PointHead(nn.Module):
             coarse_rows = sample_rows(coarse, coarse_taps, coarse_tap_weights, i)
             if h * w < point_coords.shape[1]:  # project first
                 pixels = features[i].permute(1, 2, 0).reshape(h * w, -1).contiguous()
-                first = F.embedding_bag(taps[i], self.first_unbiased(pixels),
+                first = F.embedding_bag(taps[i], self.layers[0](pixels),
                                         per_sample_weights=tap_weights[i], mode="sum")
-                logits = self._after_first(first.add_(self.first_bias), coarse_rows)
+                logits = self._after_first(first, coarse_rows)
             else:
                 logits = self(sample_rows(features, taps, tap_weights, i), coarse_rows)
             out.append(logits.t())
