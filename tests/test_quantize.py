@@ -20,8 +20,11 @@ from panoptem.models.point_rend import (
     sample_rows,
     uncertain_points_on_grid,
 )
+from panoptem.models.blocks import conv_transpose_bn_act
 from panoptem.models.quantize import (
+    POINTS_PER_CHUNK,
     Int8PointHead,
+    Int8Upsampling,
     calibration_tensors,
     model_from_torchscript,
     quantize_model,
@@ -126,10 +129,13 @@ def test_rows_sampling_equals_point_sample_at_the_render_points(lucchi_image):
     assert torch.allclose(rows[-3], maps[1, :, 0, 0] / 4, atol=1e-4)
 
 
-@pytest.mark.parametrize("points", [2048, 8192])
+@pytest.mark.parametrize("points", [2048, 3000, 8192])
 def test_int8_point_head_agrees_with_the_float_head_and_ignores_the_batch(lucchi_image, points):
-    """256 x 256 crops have a 64 x 64 feature map: 2048 points are sampled from it, for 8192
-    the first layer runs on its 4096 pixels and its result is sampled (project first)."""
+    """256 x 256 crops have a 64 x 64 feature map: 2048 and 3000 points are sampled from it,
+    for 8192 the first layer runs on its 4096 pixels and its result is sampled (project
+    first). The points go through the layers in chunks of 2048: one, two (the second
+    shorter) and four."""
+    assert POINTS_PER_CHUNK == 2048
     cfg, model = _bundled_float_model()
     float_head = model.semantic_pr.point_head
     int8_head = torch.jit.script(Int8PointHead(float_head))
@@ -192,6 +198,9 @@ def test_int8_export_of_a_bifpn_model_quantizes_its_pyramid(lucchi_image):
     assert getattr(block, "2").original_name == "SiLU" and "dequantize" in block.code
     for decoder in (int8.semantic_decoder, int8.instance_decoder):
         assert _int8_convs(decoder.fusion) >= 2
+        # each upsampling (transposed conv-BN-ReLU) is an int8 1 x 1 convolution + shuffle
+        ups = list(decoder.upsamplings.children())
+        assert len(ups) == 5 and all(up.original_name == "Int8Upsampling" and _int8_convs(up) == 1 for up in ups)
     assert _int8_convs(int8.p2_resample) >= 1
     assert int8.semantic_pr.point_head.original_name == "Int8PointHead"
 
@@ -205,3 +214,31 @@ def test_int8_export_of_a_bifpn_model_quantizes_its_pyramid(lucchi_image):
         for float_features, int8_features in zip(model._decode(x), int8._decode(x), strict=True):
             pair = torch.stack([int8_features.flatten(), float_features.flatten()])
             assert float(torch.corrcoef(pair)[0, 1]) > 0.99
+
+
+def test_upsampling_as_a_convolution_and_shuffle_equals_the_transposed_convolution(lucchi_image):
+    """Int8Upsampling (before quantization) computes the transposed conv + BN (+ ReLU) it
+    replaces, on real EM crops as channels, for kernels 2 and 3 and an odd map size."""
+    torch.manual_seed(0)
+    crop = torch.from_numpy(lucchi_image[:21, :34].astype(np.float32) / 255)
+    x = torch.stack([crop, 1 - crop, crop.flip(0), crop.flip(1)])[None]  # (1, 4, 21, 34)
+    for k in (2, 3):
+        block = conv_transpose_bn_act(4, 6, k).eval()
+        bn = block[1]
+        with torch.no_grad():  # a BN that does something
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        for part in (block, torch.nn.Sequential(block[0], block[1])):  # with and without ReLU
+            up = Int8Upsampling(part).eval()
+            with torch.no_grad():
+                expected = part(x)
+                assert expected.shape == (1, 6, 21 * k, 34 * k)
+                torch.testing.assert_close(up(x), expected, rtol=1e-5, atol=1e-5)
+    # a transposed convolution whose outputs overlap (stride < kernel) is not one
+    from panoptem.models.quantize import _upsampling_block
+
+    overlapping = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1),
+                                      torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+    assert not _upsampling_block(overlapping) and _upsampling_block(conv_transpose_bn_act(4, 6, 2))

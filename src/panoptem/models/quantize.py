@@ -4,9 +4,9 @@ The ResNet encoder runs in int8 with per-channel weights and activation ranges
 calibrated on real images, and so do the convolution branches of Panoptic-DeepLab's ASPPs
 (in MitoNet_v1 they hold about as much arithmetic as the encoder), the separable
 conv-BN-ReLU blocks of the decoders and heads (the stride-4 work) and, in BiFPN models, the
-pyramid's resamplings and conv-BN-SiLU blocks; the heads' final convolutions, the ASPP
-pooling and projection, the BiFPN decoder's transposed convolutions and the SiLUs stay in
-float.
+pyramid's resamplings and conv-BN-SiLU blocks, and its decoders' upsamplings (transposed
+convolutions, as 1 x 1 convolutions and a pixel shuffle); the heads' final convolutions,
+the ASPP pooling and projection and the SiLUs stay in float.
 panoptem uses PyTorch's FX graph mode on those parts (the conv + BatchNorm + ReLU folding,
 observers and int8 kernels come from PyTorch) and traces them once converted.
 PointRend's point MLP becomes an :class:`Int8PointHead`: int8 weights, activations
@@ -123,6 +123,7 @@ def quantize_model(model: nn.Module, calibration: list[torch.Tensor],
         work.encoder = prepared
         branches = _prepare_aspp_branches(work, qconfig, prepare_fx)
         branches += _prepare_conv_bn_blocks(work, qconfig, prepare_fx)
+        branches += _prepare_upsamplings(work, qconfig, prepare_fx)
         progress = ensure_progress(progress)
         progress.stage("calibrating int8", len(calibration))
         for x in calibration:
@@ -183,8 +184,8 @@ def _prepare_conv_bn_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple
     resamplings and the separable conv-BN-SiLU blocks of the pyramid (their SiLU stays
     float). Converted, BN is folded into the convolution and a block runs about 3x faster
     (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1 convolutions (the
-    logits, centres and offsets themselves) and the BiFPN decoder's transposed
-    convolutions stay in float. A block shared by several levels (BiFPN's) gets one copy
+    logits, centres and offsets themselves) stay in float; the BiFPN decoder's transposed
+    convolutions are :func:`_prepare_upsamplings`'. A block shared by several levels (BiFPN's) gets one copy
     per level, calibrated on that level. Returns ``(parent, child name, example inputs)``
     of each block.
     """
@@ -213,6 +214,82 @@ def _prepare_conv_bn_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple
     return prepared
 
 
+def _upsampling_block(block: nn.Module) -> bool:
+    """Whether ``block`` is ``Sequential(ConvTranspose2d, BatchNorm2d[, ReLU])`` whose
+    transposed convolution has kernel = stride, no padding, dilation or groups: each input
+    pixel then makes its own ``k x k`` output pixels."""
+    if not (isinstance(block, nn.Sequential) and len(block) in (2, 3)
+            and isinstance(block[0], nn.ConvTranspose2d) and isinstance(block[1], nn.BatchNorm2d)
+            and (len(block) == 2 or isinstance(block[2], nn.ReLU))):
+        return False
+    up = block[0]
+    k = up.kernel_size[0]
+    return (up.kernel_size == (k, k) and up.stride == (k, k) and up.padding == (0, 0)
+            and up.output_padding == (0, 0) and up.dilation == (1, 1) and up.groups == 1
+            and up.padding_mode == "zeros")
+
+
+class Int8Upsampling(nn.Module):
+    """A transposed convolution with kernel = stride = ``k`` + BatchNorm (+ ReLU) as a
+    1 x 1 convolution to ``k * k`` times the channels, BN folded in, then a pixel shuffle.
+
+    The two are equal: output pixel ``(k y + dy, k x + dx)`` of channel ``c`` is input pixel
+    ``(y, x)`` times the weights ``[:, c, dy, dx]``, which the 1 x 1 convolution computes as
+    its channel ``c k^2 + dy k + dx``, the channel :func:`~torch.nn.functional.pixel_shuffle`
+    moves there. As a convolution the block can run in int8 (``conv`` is prepared and
+    converted like the other blocks), which fbgemm's transposed convolution gains nothing
+    from: in MitoNet_v1_mini's decoders (320 -> 160 channels, 32 x 32 -> 64 x 64) the block
+    took 2.3 ms in float channels-last and 0.8 ms as an int8 convolution and a float shuffle
+    (fbgemm's int8 transposed convolution alone: 1.9 ms).
+    """
+
+    def __init__(self, block: nn.Sequential) -> None:
+        super().__init__()
+        up, bn = block[0], block[1]
+        k = up.kernel_size[0]
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            if up.bias is not None:
+                shift = shift + up.bias * scale
+            # (in, out, k, k) -> (out, k, k, in): output channel c k^2 + dy k + dx
+            weight = (up.weight.permute(1, 2, 3, 0) * scale[:, None, None, None]).reshape(-1, up.in_channels)
+            conv = nn.Conv2d(up.in_channels, weight.shape[0], 1)
+            conv.weight.copy_(weight[:, :, None, None])
+            conv.bias.copy_(shift.repeat_interleave(k * k))
+        self.conv = nn.Sequential(conv, nn.ReLU()) if len(block) == 3 else nn.Sequential(conv)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.conv(x), self.k)
+
+
+def _prepare_upsamplings(model: nn.Module, qconfig, prepare_fx) -> list[tuple]:
+    """Replace every transposed-convolution upsampling block (:func:`_upsampling_block`, the
+    BiFPN decoders' ``conv_transpose_bn_act``) by an :class:`Int8Upsampling` whose
+    convolution is observed for int8. Returns ``(parent, child name, example inputs)`` of
+    each convolution."""
+    from torch.fx import GraphModule
+
+    found = [(parent, name, child) for parent in model.modules() if not isinstance(parent, GraphModule)
+             for name, child in parent._modules.items() if _upsampling_block(child)]
+    prepared = []
+    for parent, name, block in found:
+        upsampling = Int8Upsampling(block)
+        inputs = (torch.zeros(1, block[0].in_channels, 8, 8),)
+        upsampling.conv = prepare_fx(upsampling.conv, qconfig, inputs)
+        setattr(parent, name, upsampling)
+        prepared.append((upsampling, "conv", inputs))
+    return prepared
+
+
+# Points per pass through Int8PointHead's layers. One pass over all 8192 points of a render
+# step made each layer's output 5 MB (MitoNet_v1_mini, 160 channels), a fresh allocation
+# paid in page faults (1309 per step) and cache misses; in chunks of 2048 the layers of a
+# step took 3.0 ms instead of 5.7 (1024: 3.2 ms; 512: 3.6 ms).
+POINTS_PER_CHUNK = 2048
+
+
 class Int8PointHead(nn.Module):
     """PointRend's point MLP (:class:`~panoptem.models.point_rend.StandardPointHead`) with
     int8 weights, on points as rows.
@@ -223,8 +300,9 @@ class Int8PointHead(nn.Module):
     about 3x faster than the float 1-D convolution at 8192 points), the second, and the
     final predictor, stay in float. Features and logits are sampled straight into rows
     (:func:`~panoptem.models.point_rend.sample_rows`), so nothing is transposed or
-    concatenated. The points of each image are quantized on their own, so an image's
-    result does not depend on the others in its batch.
+    concatenated. The points run through the layers :data:`POINTS_PER_CHUNK` at a time, each
+    chunk's activations quantized on their own (so an image's result does not depend on the
+    others in its batch).
 
     Where the feature map has fewer pixels than there are points, the first layer runs on
     the map's pixels and its result is sampled (both are linear; its bias is added after
@@ -239,6 +317,7 @@ class Int8PointHead(nn.Module):
 
         convs = [next(m for m in layer.modules() if isinstance(m, nn.Conv1d)) for layer in head.fc_layers]
         classes = head.predictor.out_channels
+        self.chunk = POINTS_PER_CHUNK
         self.layers = nn.ModuleList()
         coarse = []
         with torch.no_grad():
@@ -295,17 +374,24 @@ class Int8PointHead(nn.Module):
             coarse_taps, coarse_tap_weights = taps, tap_weights
         else:
             coarse_taps, coarse_tap_weights = bilinear_taps(point_coords, coarse.shape[-2], coarse.shape[-1])
+        points = point_coords.shape[1]
+        project = h * w < points
         out = []
         for i in range(point_coords.shape[0]):
             coarse_rows = sample_rows(coarse, coarse_taps, coarse_tap_weights, i)
-            if h * w < point_coords.shape[1]:  # project first
-                pixels = features[i].permute(1, 2, 0).reshape(h * w, -1).contiguous()
-                first = F.embedding_bag(taps[i], self.layers[0](pixels),
-                                        per_sample_weights=tap_weights[i], mode="sum")
-                logits = self._after_first(first, coarse_rows)
-            else:
-                logits = self(sample_rows(features, taps, tap_weights, i), coarse_rows)
-            out.append(logits.t())
+            # the rows the points are sampled from: the map's pixels, or their projection by
+            # the first layer
+            table = features[i].permute(1, 2, 0).reshape(h * w, -1).contiguous()
+            if project:
+                table = self.layers[0](table)
+            parts = []
+            for start in range(0, points, self.chunk):
+                end = min(start + self.chunk, points)
+                rows = F.embedding_bag(taps[i, start:end], table, per_sample_weights=tap_weights[i, start:end],
+                                       mode="sum")
+                first = rows if project else self.layers[0](rows)
+                parts.append(self._after_first(first, coarse_rows[start:end]))
+            out.append(torch.cat(parts).t())
         return torch.stack(out)
 
 
