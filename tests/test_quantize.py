@@ -13,6 +13,7 @@ from panoptem import registry
 from panoptem.demo import DEMO_MODEL
 from panoptem.evaluation import evaluate
 from panoptem.inference.engine import Engine2D, Params2D
+from panoptem.models.blocks import conv_transpose_bn_act
 from panoptem.models.point_rend import (
     bilinear_taps,
     calculate_uncertainty,
@@ -20,7 +21,6 @@ from panoptem.models.point_rend import (
     sample_rows,
     uncertain_points_on_grid,
 )
-from panoptem.models.blocks import conv_transpose_bn_act
 from panoptem.models.quantize import (
     POINTS_PER_CHUNK,
     Int8PointHead,
