@@ -9,6 +9,7 @@ import os
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,9 +262,51 @@ def test_each_way_of_preparing_is_tried_in_turn(monkeypatch):
     assert len(loading._prepared_candidates(module, torch.device("cpu"))) == 2
 
 
-def test_quantized_model_is_not_prepared():
-    loaded = loading.load_model("panoptem_mito_small", quantized=True)
-    assert loaded.quantized and not loaded.optimized
+def _frozen(module) -> bool:
+    """Whether ``module`` is frozen: its submodules' code inlined, none called."""
+    return "prim::CallMethod" not in str(module.graph)
+
+
+def test_quantized_model_is_prepared_where_channels_last_pays(monkeypatch, lucchi_image):
+    """The bundled int8 file on an AVX-512 CPU: frozen, its float convolutions (the heads'
+    last ones) made oneDNN ones, its int8 ones kept, and the same segmentation on a real
+    crop as the file's module; on an AVX2 CPU, and when preparing fails, the file's module."""
+    from panoptem.inference.engine import Engine2D, Params2D
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    loading.clear_model_cache()
+    plain = loading.load_model("panoptem_mito_small", quantized=True, optimize=False)
+    assert plain.quantized and not plain.optimized and not _frozen(plain.module)
+    fast = loading.load_model("panoptem_mito_small", quantized=True)
+    assert fast.quantized and fast.optimized and _frozen(fast.module)
+    graph = str(fast.module.graph)
+    assert "aten::conv2d" not in graph and "mkldnn::_convolution_pointwise" in graph
+    assert "quantized::conv2d" in graph  # the int8 layers, inlined by freezing
+    image = np.ascontiguousarray(lucchi_image[:256, :384])
+    with monkeypatch.context() as m:
+        m.setattr(loading, "load_model", lambda *a, **k: plain)
+        engine = Engine2D("panoptem_mito_small", quantized=True)
+        assert engine.loaded is plain
+        want = engine.segment(image, Params2D())
+    engine = Engine2D("panoptem_mito_small", quantized=True)
+    assert engine.loaded.module is fast.module
+    got = engine.segment(image, Params2D())
+    assert want.max() > 5 and np.array_equal(got, want)
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    loading.clear_model_cache()
+    avx2 = loading.load_model("panoptem_mito_small", quantized=True)
+    assert not avx2.optimized and not _frozen(avx2.module)
+
+    def broken(frozen):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(loading, "channels_last_convolutions", broken)
+    loading.clear_model_cache()
+    fallback = loading.load_model("panoptem_mito_small", quantized=True)
+    assert fallback.quantized and not fallback.optimized and not _frozen(fallback.module)
+    loading.clear_model_cache()
 
 
 def test_weight_bytes_are_counted_before_freezing():
