@@ -16,7 +16,6 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this torch build has no oneDNN")
 
 _CONVERTED = "mkldnn::_convolution_pointwise"
-_MATRIX = "mkldnn::_linear_pointwise"  # 1 x 1 convolutions, stride 1, no padding
 _PACKED = "prim::ConstantMKLDNNTensor"
 
 
@@ -44,30 +43,24 @@ def _image_kernels(module, *args) -> dict[str, int]:
 
 @needs_onednn
 def test_bundled_model_converted_gives_the_files_outputs(lucchi_image):
-    """Every 2-D convolution of the bundled model becomes a channels-last oneDNN one, with
-    packed weights where its kernel is larger than 1 x 1, or a oneDNN matrix product on the
-    pixels as rows with packed weights where it is 1 x 1 (stride 1, no padding), and ReLUs
-    that follow a convolution are fused into it; on a real EM crop the outputs are the
-    file's."""
+    """Every 2-D convolution of the bundled model becomes a channels-last oneDNN one, those
+    with kernels larger than 1 x 1 with packed weights, and ReLUs that follow a convolution
+    are fused into it; on a real EM crop the outputs are the file's."""
     plain = loading.load_model("panoptem_mito_small", optimize=False).module
     frozen = torch.jit.freeze(plain.eval())
     rewrite_point_heads(frozen)
     onednn_point_convolutions(frozen)
     convs = frozen.graph.findAllNodes("aten::conv2d", True)
     spatial = sum(n.inputsAt(1).toIValue().shape[-1] > 1 for n in convs)
-    pointwise = sum(n.inputsAt(1).toIValue().shape[-1] == 1 and n.inputsAt(3).toIValue() == [1, 1]
-                    and n.inputsAt(4).toIValue() == [0, 0] and n.inputsAt(6).toIValue() == 1
-                    for n in convs)
     fusable = sum(len(n.output().uses()) == 1
                   and n.output().uses()[0].user.kind() in ("aten::relu", "aten::relu_")
                   for n in convs)
     relus = _nodes(frozen, "aten::relu") + _nodes(frozen, "aten::relu_")
-    assert spatial > 10 and fusable > 10 and pointwise > 10
+    assert spatial > 10 and fusable > 10
 
     assert channels_last_convolutions(frozen) == len(convs)
-    assert _nodes(frozen, "aten::conv2d") == 0
-    assert _nodes(frozen, _CONVERTED) == len(convs) - pointwise and _nodes(frozen, _MATRIX) == pointwise
-    assert _nodes(frozen, _PACKED) == spatial + pointwise
+    assert _nodes(frozen, "aten::conv2d") == 0 and _nodes(frozen, _CONVERTED) == len(convs)
+    assert _nodes(frozen, _PACKED) == spatial
     assert _nodes(frozen, "aten::relu") + _nodes(frozen, "aten::relu_") == relus - fusable
 
     x = _normalised(lucchi_image[:256, :256])
@@ -76,12 +69,8 @@ def test_bundled_model_converted_gives_the_files_outputs(lucchi_image):
     for key in ("sem_logits", "ctr_hmp", "offsets"):
         assert torch.allclose(want[key], got[key], atol=1e-4), key
     assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.999
-    # every image convolution ran in the channels-last kernel or as a matrix product; the
-    # file's ran elsewhere
+    # every image convolution ran in the channels-last kernel; the file's ran elsewhere
     assert set(_image_kernels(frozen, x, 2, True)) == {_CONVERTED}
-    with torch.inference_mode(), torch.profiler.profile() as prof:
-        frozen(x, 2, True)
-    assert sum(e.name == _MATRIX for e in prof.events()) >= pointwise
     assert set(_image_kernels(plain, x, 2, True)) >= {"aten::mkldnn_convolution"}
 
 
@@ -113,7 +102,7 @@ def test_convolution_arguments_are_kept(shape):
     module = _Convs().eval()
     frozen = torch.jit.freeze(torch.jit.script(module))
     assert channels_last_convolutions(frozen) == 4
-    assert _nodes(frozen, _PACKED) == 4 and _nodes(frozen, _MATRIX) == 1  # the 1 x 1 one
+    assert _nodes(frozen, _PACKED) == 3  # not the 1 x 1 one
     assert _nodes(frozen, "aten::relu") + _nodes(frozen, "aten::relu_") == 1
     x = torch.randn(*shape)
     with torch.inference_mode():
@@ -156,8 +145,7 @@ def test_prepared_cpu_model_has_channels_last_convolutions_with_avx512(monkeypat
     loading.clear_model_cache()
     fast = loading.load_model("panoptem_mito_small")
     assert fast.optimized
-    assert _nodes(fast.module, _CONVERTED) + _nodes(fast.module, _MATRIX) > 40
-    assert _nodes(fast.module, _MATRIX) > 10 and _nodes(fast.module, "aten::conv2d") == 0
+    assert _nodes(fast.module, _CONVERTED) > 40 and _nodes(fast.module, "aten::conv2d") == 0
     assert _nodes(fast.module, "prim::mkldnn_convolution") == 0  # not optimize_for_inference's
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")

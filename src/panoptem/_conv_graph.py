@@ -13,16 +13,9 @@ that torch's own compiler (Inductor) emits on CPUs, with a following ReLU fused 
 - Weights of kernels larger than 1 x 1 are packed once, for channels-last input. oneDNN
   chose the same packing for them at every input size tried (a 4 x 16 to a 256 x 256
   map, batches of 1 and 2), so they are never re-ordered.
-- 1 x 1 convolutions with stride 1 and no padding (:func:`_pointwise`) become oneDNN
-  matrix products (``mkldnn::_linear_pointwise``) on the map's pixels as rows, a view of
-  a channels-last map, with weights packed once. As convolutions, oneDNN's packing of
-  their weights depends on the input size, and a packed weight that does not fit is
-  re-ordered by a slow generic routine (34-42 ms for 2048 -> 512), so their weights had
-  to stay plain and were re-ordered on every call: 115 re-orders and 11.4 ms of a 67 ms
-  MitoNet_v1_mini forward pass at 128 x 256 on one thread. As matrix products the
-  forward pass took 59 ms (MitoNet_v1 at 64 x 256: 61-65 -> 53-56 ms; at 256 x 256:
-  173-175 -> 163-166 ms).
-- Other 1 x 1 weights (strided) stay plain.
+- 1 x 1 weights stay plain. For those oneDNN's packing depends on the input size, and a
+  packed weight that does not fit is re-ordered by a slow generic routine (34-42 ms for
+  2048 -> 512, against 0.5 ms from the plain layout).
 
 Activations then stay channels-last (NHWC) between convolutions; other operations take
 either layout. The outputs equal the file's to float32 rounding (about 1e-5).
@@ -109,7 +102,6 @@ def channels_last_convolutions(frozen: Any) -> int:
     found = [(node, args) for node in walk(graph.block())
              if (args := _frozen_conv2d(node)) is not None]
     scalars_type = torch._C.ListType(torch._C.OptionalType(torch._C.NumberType.get()))
-    linear = hasattr(torch.ops.mkldnn, "_linear_pointwise")
     for node, (weight, padding, stride, dilation, groups) in found:
         graph.setInsertPoint(node)
         out = node.output()
@@ -117,65 +109,20 @@ def channels_last_convolutions(frozen: Any) -> int:
         relu = uses[0].user if len(uses) == 1 and uses[0].user.kind() in _RELU else None
         scalars = graph.create("prim::ListConstruct", 1)
         scalars.output().setType(scalars_type)
-        attr = graph.insertConstant("relu" if relu is not None else "none")
-        if linear and _pointwise(weight, padding, stride, groups):
-            result = _as_matrix_product(graph, node, weight, attr, graph.insertNode(scalars).output())
-        else:
-            result = _as_convolution(graph, node, weight, padding, stride, dilation, groups, attr,
-                                     graph.insertNode(scalars).output())
-        result.setType(out.type())
+        args = [node.inputsAt(0),
+                _weight_value(graph, node, weight, padding, stride, dilation, groups),
+                node.inputsAt(2), graph.insertConstant(padding), graph.insertConstant(stride),
+                graph.insertConstant(dilation), graph.insertConstant(groups),
+                graph.insertConstant("relu" if relu is not None else "none"),
+                graph.insertNode(scalars).output(), graph.insertConstant(None)]
+        conv = graph.insertNode(graph.create("mkldnn::_convolution_pointwise", args, 1))
+        conv.output().setType(out.type())
         if relu is not None:
-            relu.output().replaceAllUsesWith(result)
+            relu.output().replaceAllUsesWith(conv.output())
             relu.destroy()
-        out.replaceAllUsesWith(result)
+        out.replaceAllUsesWith(conv.output())
         node.destroy()
     # leave no insert point on a node that dead-code elimination may remove
     graph.setInsertPoint(graph.block())
     torch._C._jit_pass_dce(graph)  # the plain weights of packed convolutions
     return len(found)
-
-
-def _pointwise(weight: Any, padding, stride, groups: int) -> bool:
-    """Whether a convolution is a matrix product over pixels: 1 x 1, stride 1, no padding,
-    no groups (dilation means nothing for a 1 x 1 kernel)."""
-    return (tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
-            and groups == 1)
-
-
-def _insert(graph: Any, kind: str, inputs: list, output_type: Any) -> Any:
-    node = graph.insertNode(graph.create(kind, inputs, 1))
-    node.output().setType(output_type)
-    return node.output()
-
-
-def _as_convolution(graph: Any, node: Any, weight: Any, padding, stride, dilation, groups: int,
-                    attr: Any, scalars: Any) -> Any:
-    """``mkldnn::_convolution_pointwise`` in place of ``node`` (inserted before it)."""
-    args = [node.inputsAt(0), _weight_value(graph, node, weight, padding, stride, dilation, groups),
-            node.inputsAt(2), graph.insertConstant(padding), graph.insertConstant(stride),
-            graph.insertConstant(dilation), graph.insertConstant(groups), attr, scalars,
-            graph.insertConstant(None)]
-    return graph.insertNode(graph.create("mkldnn::_convolution_pointwise", args, 1)).output()
-
-
-def _as_matrix_product(graph: Any, node: Any, weight: Any, attr: Any, scalars: Any) -> Any:
-    """A 1 x 1 convolution (``node``, see :func:`_pointwise`) as ``mkldnn::_linear_pointwise``
-    on the pixels as rows: (N, C, H, W) -> rows (N H W, C), a view where the map is
-    channels-last -> (N H W, O) -> (N, O, H, W), channels-last."""
-    import torch
-
-    tensor, integer = torch._C.TensorType.get(), torch._C.IntType.get()
-    x = node.inputsAt(0)
-    nhwc = _insert(graph, "aten::permute", [x, graph.insertConstant([0, 2, 3, 1])], tensor)
-    rows = _insert(graph, "aten::flatten", [nhwc, graph.insertConstant(0), graph.insertConstant(2)], tensor)
-    packed = graph.create("prim::ConstantMKLDNNTensor")
-    packed.t_("value", torch.ops.mkldnn._reorder_linear_weight(weight[:, :, 0, 0].contiguous(), None))
-    packed.output().setType(tensor)
-    product = _insert(graph, "mkldnn::_linear_pointwise",
-                      [rows, graph.insertNode(packed).output(), node.inputsAt(2), attr, scalars,
-                       graph.insertConstant("")], tensor)
-    sizes = [_insert(graph, "aten::size", [x, graph.insertConstant(d)], integer) for d in (0, 2, 3)]
-    shape = graph.create("prim::ListConstruct", [*sizes, graph.insertConstant(-1)], 1)
-    shape.output().setType(torch._C.ListType.ofInts())
-    out = _insert(graph, "aten::reshape", [product, graph.insertNode(shape).output()], tensor)
-    return _insert(graph, "aten::permute", [out, graph.insertConstant([0, 3, 1, 2])], tensor)
