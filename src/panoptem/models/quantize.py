@@ -184,9 +184,9 @@ def _prepare_conv_bn_blocks(model: nn.Module, qconfig, prepare_fx) -> list[tuple
     resamplings and the separable conv-BN-SiLU blocks of the pyramid (their SiLU stays
     float). Converted, BN is folded into the convolution and a block runs about 3x faster
     (fbgemm, 272 -> 256 channels at 256 x 256). The heads' final 1 x 1 convolutions (the
-    logits, centres and offsets themselves) stay in float; the BiFPN decoder's transposed
-    convolutions are :func:`_prepare_upsamplings`'. A block shared by several levels (BiFPN's) gets one copy
-    per level, calibrated on that level. Returns ``(parent, child name, example inputs)``
+    logits, centres and offsets themselves) stay in float; the BiFPN decoders' transposed
+    convolutions are left to :func:`_prepare_upsamplings`. A block shared by several levels
+    (BiFPN's) gets one copy per level, calibrated on that level. Returns ``(parent, child name, example inputs)``
     of each block.
     """
     from torch.fx import GraphModule
