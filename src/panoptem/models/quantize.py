@@ -389,8 +389,8 @@ class Int8PointHead(nn.Module):
                 end = min(start + self.chunk, points)
                 rows = F.embedding_bag(taps[i, start:end], table, per_sample_weights=tap_weights[i, start:end],
                                        mode="sum")
-                first = rows if project else self.layers[0](rows)
-                parts.append(self._after_first(first, coarse_rows[start:end]))
+                coarse_part = coarse_rows[start:end]
+                parts.append(self._after_first(rows, coarse_part) if project else self(rows, coarse_part))
             out.append(torch.cat(parts).t())
         return torch.stack(out)
 
