@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from panoptem.errors import PanoptemError
 from panoptem.inference.matching import match_slice
-from panoptem.inference.stack import median_filtered
+from panoptem.inference.postprocess import relabel_connected
+from panoptem.inference.stack import median_filtered, segment_stack
 from panoptem.inference.volume import filter_objects, morphology
 
 
@@ -91,3 +93,100 @@ def test_morphology_erodes_apart_and_fills():
     holed[:, 2:10, 2:10] = 4
     holed[:, 5:7, 5:7] = 0
     assert (morphology(holed, fill_holes=True)[:, 5:7, 5:7] > 0).all()
+
+
+class LabelEngine:
+    """Stands in for Engine2D where the 'model outputs' already are panoptic slices."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, things):
+        self.thing_list = things
+
+    def panoptic(self, pan, _ctr, _off, _params, _shape):
+        return pan
+
+
+def em_panoptic_slices(volume, div):
+    """Panoptic slices of a real EM volume: dark and bright blobs (thing classes 1 and 2,
+    one object per connected component) and a band of grey (stuff class 3)."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(volume.astype(np.float32), (0, 2, 2))
+    lo, band0, band1, hi = np.percentile(smooth, [15, 50, 53, 88])
+    pans = []
+    for s in smooth:
+        pan = np.where((s > band0) & (s < band1), 3 * div, 0).astype(np.int32)
+        pan[s < lo], pan[s > hi] = div + 1, 2 * div + 1
+        pans.append(relabel_connected(pan, [1, 2], div))
+    return pans
+
+
+def match_images(pans, things, div):
+    """Stack matching done on whole images with match_slice: a forward pass, a backward
+    pass, then each id's voxels and box in order of first appearance going backwards."""
+
+    def match(target, pan, next_label, assign_new):
+        out = np.where(pan % div > 0, 0, pan)
+        for c in things:
+            part = np.where((pan % div > 0) & (pan // div == c), pan, 0)
+            tgt = None if target is None else np.where((target % div > 0) & (target // div == c), target, 0)
+            tgt = tgt if tgt is not None and tgt.any() else None
+            matched, nxt = match_slice(tgt, part, next_label[c], assign_new)
+            if tgt is None and part.any() and assign_new:
+                nxt = max(nxt, int(part.max()) + 1)
+            if nxt >= (c + 1) * div:
+                raise PanoptemError("More than ... objects")
+            next_label[c] = nxt
+            out = np.where(matched > 0, matched, out)
+        return out
+
+    next_label = {c: c * div + 1 for c in things}
+    forward, target = [], None
+    for pan in pans:
+        target = match(target, pan, next_label, True)
+        forward.append(target)
+    final, stats, target = [None] * len(pans), {}, None
+    for i in range(len(pans) - 1, -1, -1):
+        target = forward[i] if target is None else match(target, forward[i], next_label, False)
+        final[i] = target
+        for j in np.unique(target[target > 0]).tolist():
+            ys, xs = np.nonzero(target == j)
+            box = [len(ys), i, i, ys.min(), ys.max(), xs.min(), xs.max()]
+            st = stats.setdefault(j, box)
+            if st is not box:
+                st[0] += box[0]
+                st[1::2] = [min(a, b) for a, b in zip(st[1::2], box[1::2], strict=True)]
+                st[2::2] = [max(a, b) for a, b in zip(st[2::2], box[2::2], strict=True)]
+    return np.stack(forward), np.stack(final), stats
+
+
+@pytest.mark.parametrize("things", [[1, 2], [2]])
+def test_stack_matching_on_tables_equals_matching_the_images(em_volume, things):
+    """segment_stack matches slices on tables of object overlaps (and rewrites in the
+    backward pass only slices whose ids change); the ids, the per-id voxel counts and
+    boxes, and their order must be those of matching whole images slice by slice."""
+    from types import SimpleNamespace
+
+    div = 1000
+    pans = em_panoptic_slices(em_volume[:24], div)
+    forward, final, stats = match_images(pans, things, div)
+    assert (forward != final).any(axis=(1, 2)).sum() >= 3  # the backward pass merges tracks
+    assert len({j // div for j in stats}) == len(things) + 1  # stuff ids pass through
+    res = segment_stack(LabelEngine(things), em_volume[:24],
+                        SimpleNamespace(label_divisor=div, semantic_only=False), median_size=1,
+                        outputs=iter([(p, None, None) for p in pans]))
+    np.testing.assert_array_equal(res.store, final)
+    assert list(res.stats.items()) == list(stats.items())
+
+
+def test_stack_with_more_objects_than_the_divisor_allows(em_volume):
+    from types import SimpleNamespace
+
+    pans = em_panoptic_slices(em_volume[:8], 1000)
+    div = int(max(int(p.max()) % 1000 for p in pans)) + 2  # every slice fits, the stack does not
+    pans = [np.where(p > 0, p // 1000 * div + p % 1000, 0).astype(np.int32) for p in pans]
+    with pytest.raises(PanoptemError, match="raise 'Max objects per class in 3D'"):
+        segment_stack(LabelEngine([1, 2]), em_volume[:8],
+                      SimpleNamespace(label_divisor=div, semantic_only=False), median_size=1,
+                      outputs=iter([(p, None, None) for p in pans]))

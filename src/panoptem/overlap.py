@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Overlaps", "overlaps", "connected_groups", "DENSE_LIMIT"]
+__all__ = ["Overlaps", "overlaps", "pair_counts", "connected_groups", "DENSE_LIMIT"]
 
 #: Up to this many (id a, id b) cells the pair counts use one dense bincount; beyond it
 #: (very many objects on both sides) only the pairs that occur are counted.
@@ -80,8 +80,26 @@ def overlaps(a, b) -> Overlaps:
         raise ValueError(f"label images of different shapes: {a.shape} and {b.shape}")
     ua, ka = fastremap.unique(a.ravel(), return_inverse=True)
     ub, kb = fastremap.unique(b.ravel(), return_inverse=True)
-    ka, kb = ka.astype(np.int64, copy=False), kb.astype(np.int64, copy=False)  # may be uint64
     na, nb = len(ua), len(ub)
+    ra, rb, cnt, area_a, area_b = pair_counts(ka, na, kb, nb)
+    za = int(na > 0 and ua[0] == 0)  # 0 sorts first when present
+    zb = int(nb > 0 and ub[0] == 0)
+    background = int(cnt[(ra == 0) & (rb == 0)].sum()) if za and zb else 0
+    keep = (ra >= za) & (rb >= zb)
+    return Overlaps(ua[za:], ub[zb:], area_a[za:], area_b[zb:], ra[keep] - za, rb[keep] - zb,
+                    cnt[keep].astype(np.int64), background)
+
+
+def pair_counts(ka, na: int, kb, nb: int) -> tuple[np.ndarray, ...]:
+    """Pixels shared by each pair of object indices, from two per-pixel index images.
+
+    ``ka`` and ``kb`` (one shape, non-negative integers below ``na`` and ``nb``) give each
+    pixel's object index in two label images (for instance the inverse of their unique ids).
+    Returns ``(ra, rb, count, area_a, area_b)``: the index pairs that share at least one pixel,
+    ordered by ``ra`` then ``rb``, their shared pixels, and each index's pixels (int64).
+    """
+    ka = np.asarray(ka).ravel().astype(np.int64, copy=False)  # may be uint64 or narrow
+    kb = np.asarray(kb).ravel().astype(np.int64, copy=False)
     code = ka * nb + kb
     if na * nb <= DENSE_LIMIT:
         counts = np.bincount(code, minlength=na * nb)
@@ -94,12 +112,7 @@ def overlaps(a, b) -> Overlaps:
         area_a = np.bincount(ka, minlength=na).astype(np.int64)
         area_b = np.bincount(kb, minlength=nb).astype(np.int64)
     ra, rb = np.divmod(codes, nb)
-    za = int(na > 0 and ua[0] == 0)  # 0 sorts first when present
-    zb = int(nb > 0 and ub[0] == 0)
-    background = int(cnt[(ra == 0) & (rb == 0)].sum()) if za and zb else 0
-    keep = (ra >= za) & (rb >= zb)
-    return Overlaps(ua[za:], ub[zb:], area_a[za:], area_b[zb:], ra[keep] - za, rb[keep] - zb,
-                    cnt[keep].astype(np.int64), background)
+    return ra, rb, cnt.astype(np.int64, copy=False), area_a, area_b
 
 
 def connected_groups(n: int, u, v) -> np.ndarray:

@@ -7,6 +7,12 @@ of the 2D engine, and forward matching against the previous slice. A backward pa
 matches every slice to the next one again, without creating ids, and collects each
 object's size and bounding box for the size and extent filters.
 
+The post-processing threads also index each slice's objects (ids, pixel counts, boxes);
+the matching then needs only the pixels each object shares with the objects of the slice
+before (one count over the two slices), and the backward pass works on those tables
+alone, rewriting just the slices whose ids it changes. On a GPU, where the forward passes
+are short, this keeps the work that cannot overlap with them small.
+
 Slices are read one at a time (numpy, zarr and dask volumes alike) and the matched
 panoptic slices go to a *store*: an (n_slices, h, w) int32 array-like, in memory or a
 zarr array on disk, so memory stays bounded by a few slices.
@@ -27,8 +33,9 @@ from scipy import ndimage
 from panoptem._memory import release_free_memory
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
-from panoptem.inference.matching import match_slice
+from panoptem.inference.matching import match_objects
 from panoptem.inference.pipeline import ahead, ordered_map
+from panoptem.overlap import pair_counts
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["AXES", "read_slice", "slice_shape", "volume_intensity_range", "median_filtered",
@@ -158,63 +165,144 @@ class StackResult:
         return keep
 
 
+@dataclass
+class _Objects:
+    """The objects of one panoptic slice, found once so that matching works on tables.
+
+    Index 0 is the background (id 0, possibly no pixels); every other index is one id
+    present in the slice.
+
+    Attributes
+    ----------
+    ids : ndarray (k,) int64
+        The id of each index.
+    counts : ndarray (k,) int64
+        Pixels of each index.
+    boxes : ndarray (k, 4) int64
+        Inclusive bounding box (r0, r1, c0, c1) of each index (zeros for the background).
+    codes : ndarray (h, w) or None
+        Each pixel's index; dropped once the next slice has been paired with this one.
+    """
+
+    ids: np.ndarray
+    counts: np.ndarray
+    boxes: np.ndarray
+    codes: np.ndarray | None
+
+
+def _objects(labels: np.ndarray) -> _Objects:
+    """Index the ids of a 2D label image (one pass to renumber, one to count and box)."""
+    codes, remap = fastremap.renumber(np.asarray(labels), preserve_zero=True, in_place=False)
+    k = max(remap.values()) + 1
+    ids = np.zeros(k, np.int64)
+    ids[list(remap.values())] = list(remap.keys())
+    counts = np.bincount(codes.ravel(), minlength=k).astype(np.int64, copy=False)
+    boxes = np.zeros((k, 4), np.int64)
+    for j, (ys, xs) in enumerate(ndimage.find_objects(codes, max_label=k - 1), 1):
+        boxes[j] = ys.start, ys.stop - 1, xs.start, xs.stop - 1
+    return _Objects(ids, counts, boxes, codes)
+
+
+def _group(values: np.ndarray, weights: np.ndarray, select: np.ndarray):
+    """The distinct ``values[select]`` (ascending), each selected index's group and the
+    summed ``weights`` of each group."""
+    ids, group = np.unique(values[select], return_inverse=True)
+    sums = np.bincount(group, weights=weights[select], minlength=len(ids)).astype(np.int64)
+    return ids, group, sums
+
+
+def _add_stats(stats: dict, s: int, ids: np.ndarray, counts: np.ndarray, boxes: np.ndarray) -> None:
+    """Add the objects of slice ``s`` to the per-id voxel counts and bounding boxes: ``ids``
+    gives each index's object (0 none), ``counts`` and ``boxes`` its pixels and box (an
+    object may span several indices). Objects new to ``stats`` are added in id order."""
+    sel = ids != 0
+    if not sel.any():
+        return
+    uniq, group, sums = _group(ids, counts, sel)
+    b = boxes[sel]
+    lo = np.full((len(uniq), 2), np.iinfo(np.int64).max)
+    hi = np.full((len(uniq), 2), -1)
+    np.minimum.at(lo, group, b[:, [0, 2]])
+    np.maximum.at(hi, group, b[:, [1, 3]])
+    for i, n, (r0, c0), (r1, c1) in zip(uniq.tolist(), sums.tolist(), lo.tolist(), hi.tolist(),
+                                        strict=True):
+        st = stats.get(i)
+        if st is None:
+            stats[i] = [n, s, s, r0, r1, c0, c1]
+        else:
+            st[0] += n
+            st[1], st[2] = min(st[1], s), max(st[2], s)
+            st[3], st[4] = min(st[3], r0), max(st[4], r1)
+            st[5], st[6] = min(st[5], c0), max(st[6], c1)
+
+
 def _update_stats(stats: dict, s: int, labels: np.ndarray) -> None:
     """Add one slice's objects to the per-id voxel counts and bounding boxes."""
-    if not labels.any():
-        return
-    compact, remap = fastremap.renumber(labels, in_place=False, preserve_zero=True)
-    counts = np.bincount(compact.ravel())
-    boxes = ndimage.find_objects(compact)
-    # objects new in this slice are recorded in id order (fastremap's map has no set order)
-    for old, new in sorted(remap.items()):
-        if not new:
-            continue
-        ys, xs = boxes[new - 1]
-        st = stats.get(int(old))
-        if st is None:
-            stats[int(old)] = [int(counts[new]), s, s, ys.start, ys.stop - 1, xs.start, xs.stop - 1]
-        else:
-            st[0] += int(counts[new])
-            st[1], st[2] = min(st[1], s), max(st[2], s)
-            st[3], st[4] = min(st[3], ys.start), max(st[4], ys.stop - 1)
-            st[5], st[6] = min(st[5], xs.start), max(st[6], xs.stop - 1)
+    obj = _objects(labels)
+    _add_stats(stats, s, obj.ids, obj.counts, obj.boxes)
 
 
-def _match_classes(target: np.ndarray | None, pan: np.ndarray, thing_list, div: int,
-                   next_label: dict, assign_new: bool,
-                   target_parts: dict | None = None) -> tuple[np.ndarray, dict]:
-    """Match every thing class of one panoptic slice; stuff ids pass through.
+def _match_step(target: np.ndarray, target_counts: np.ndarray, new: np.ndarray,
+                new_counts: np.ndarray, pairs: tuple, things, div: int, next_label: dict,
+                assign_new: bool) -> np.ndarray:
+    """Match the objects of one slice to those of the target slice, class by class, on tables.
 
-    Returns the matched slice and its objects per thing class (class -> ids of that class,
-    0 elsewhere). When the next call's ``target`` is this slice, pass them as its
-    ``target_parts``, so that they are not cut out of it again.
+    The rule of :func:`~.matching.match_slice`, applied to indexed slices (see
+    :class:`_Objects`): ``target`` and ``new`` give the object id of each index of the
+    target and the new slice (several indices may form one object), ``*_counts`` their
+    pixels, and ``pairs`` ``(target index, new index, shared pixels)`` for the pairs of
+    non-background indices that touch. Stuff ids pass through; thing ids of classes not in
+    ``things`` become 0. Where the target has no object of a class, the new slice's objects
+    of that class keep their ids (and, in the forward pass, ``next_label`` moves past them).
+
+    Returns the matched id of each index of the new slice.
     """
-    cls, rem = np.divmod(pan, div)
-    thing = rem > 0
-    out = np.where(thing, 0, pan).astype(np.int32, copy=False)
-    parts = {}
-    for c in thing_list:
-        part = np.where(thing & (cls == c), pan, 0)
-        if target_parts is not None:
-            tgt = target_parts[c]
-        elif target is not None:
-            tgt = np.where((target // div == c) & (target % div > 0), target, 0)
+    out = np.where(new % div > 0, 0, new)
+    ti, ni, shared = pairs
+    for c in things:
+        in_new = (new // div == c) & (new % div > 0)
+        if not in_new.any():
+            continue
+        ids_n, group_n, area_n = _group(new, new_counts, in_new)
+        in_target = (target // div == c) & (target % div > 0)
+        nxt = next_label[c]
+        if not in_target.any():
+            out[in_new] = new[in_new]
+            if assign_new:
+                nxt = max(nxt, int(ids_n[-1]) + 1)
         else:
-            tgt = None
-        if tgt is not None and not tgt.any():
-            tgt = None
-        matched, nxt = match_slice(tgt, part, next_label[c], assign_new=assign_new)
-        if tgt is None and part.any() and assign_new:
-            nxt = max(nxt, int(part.max()) + 1)
+            ids_t, group_t, area_t = _group(target, target_counts, in_target)
+            row = np.full(len(target), -1)
+            row[in_target] = group_t
+            col = np.full(len(new), -1)
+            col[in_new] = group_n
+            r, k = row[ti], col[ni]
+            touch = (r >= 0) & (k >= 0)
+            inter = np.zeros((len(ids_t), len(ids_n)), np.int64)
+            np.add.at(inter, (r[touch], k[touch]), shared[touch])
+            matched, nxt = match_objects(ids_t, area_t, ids_n, area_n, inter, nxt, assign_new)
+            out[in_new] = matched[group_n]
         if nxt >= (c + 1) * div:
             raise PanoptemError(
                 f"More than {div - 1} objects of class {c} in the stack: raise 'Max objects "
                 "per class in 3D'."
             )
         next_label[c] = nxt
-        parts[c] = matched
-        out = np.where(matched > 0, matched, out)
-    return out, parts
+    return out
+
+
+def _touching(prev: _Objects, cur: _Objects) -> tuple:
+    """``(index in prev, index in cur, shared pixels)`` of the objects of two neighbouring
+    slices that touch (background excluded)."""
+    ra, rb, cnt, _, _ = pair_counts(prev.codes, len(prev.ids), cur.codes, len(cur.ids))
+    keep = (ra > 0) & (rb > 0)
+    return ra[keep], rb[keep], cnt[keep]
+
+
+def _relabel(labels: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``labels`` with each id in ``old`` replaced by the one at the same place in ``new``."""
+    mapping = dict(zip(old.tolist(), new.tolist(), strict=True))
+    return fastremap.remap(np.asarray(labels), mapping, preserve_missing_labels=True, in_place=False)
 
 
 def _input_pixels(shape: tuple[int, int], downsampling: int, padding_factor: int = 1) -> int:
@@ -397,7 +485,6 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
 
     prog.stage(f"stack {axis}", n)
     next_label = {c: c * div + 1 for c in things}
-    target = None
     if overlap is None:
         overlap = engine.device.type != "cpu"
     source = outputs if outputs is not None else model_outputs()
@@ -409,18 +496,29 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     if post < 1:
         raise ValueError(f"post must be at least 1, not {post}")
 
-    def panoptic(item):
-        return engine.panoptic(*item, params, (h, w))
+    def panoptic(item):  # the post-processing threads also index each slice's objects
+        return _objects(engine.panoptic(*item, params, (h, w)))
 
     filtered = median_filtered(source, median_size)
     pans = (ordered_map(panoptic, filtered, post, name=f"panoptem-post-{axis}") if post > 1
             else map(panoptic, filtered))
+    # per slice: its objects (ids, counts, boxes), their forward ids, and the pairs it shares
+    # with the slice before; the backward pass needs nothing else
+    slices_seen: list[tuple[_Objects, np.ndarray, tuple]] = []
+    none, no_pairs = np.zeros(1, np.int64), (np.zeros(0, np.int64),) * 3
     try:
-        parts = None
-        for i, pan in enumerate(pans):
-            target, parts = _match_classes(target, pan, things, div, next_label, assign_new=True,
-                                           target_parts=parts)
-            store[i] = target
+        prev = prev_ids = None
+        for i, obj in enumerate(pans):
+            if prev is None:  # the first slice: its objects keep their ids
+                target, target_counts, pairs = none, none, no_pairs
+            else:
+                target, target_counts, pairs = prev_ids, prev.counts, _touching(prev, obj)
+                prev.codes = None
+            ids = _match_step(target, target_counts, obj.ids, obj.counts, pairs, things, div,
+                              next_label, assign_new=True)
+            store[i] = ids.astype(np.int32)[obj.codes]
+            slices_seen.append((obj, ids, pairs))
+            prev, prev_ids = obj, ids
             prog.advance()
     finally:  # on an error or a cancelled run: stop the threads before returning
         if hasattr(pans, "close"):
@@ -431,16 +529,22 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
             torch.set_num_threads(threads)
         release_free_memory()  # the forward passes' activations, freed in their threads' arenas
 
+    # Backward pass: each slice matched to the next one, already matched, without new ids.
+    # It works on the forward pass's tables; only slices whose ids change are rewritten.
     result = StackResult(axis, store, div)
     prog.stage(f"matching {axis}", n)
-    target = parts = None
+    after = None  # the next slice's objects, its final ids and the pairs it shares with this one
     for i in range(n - 1, -1, -1):
-        pan = np.asarray(store[i])
-        if target is not None:
-            pan, parts = _match_classes(target, pan, things, div, next_label, assign_new=False,
-                                        target_parts=parts)
-            store[i] = pan
-        _update_stats(result.stats, i, pan)
-        target = pan
+        obj, ids, pairs = slices_seen[i]
+        if after is not None:
+            nxt, nxt_ids, (here, there, shared) = after
+            matched = _match_step(nxt_ids, nxt.counts, ids, obj.counts, (there, here, shared),
+                                  things, div, next_label, assign_new=False)
+            changed = matched != ids
+            if changed.any():
+                store[i] = _relabel(store[i], ids[changed], matched[changed])
+            ids = matched
+        _add_stats(result.stats, i, ids, obj.counts, obj.boxes)
+        after = (obj, ids, pairs)
         prog.advance()
     return result
