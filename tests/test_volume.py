@@ -278,3 +278,28 @@ def test_memory_output_arrays_and_commit():
         out.commit("er")
     with pytest.raises(PanoptemError, match="slab"):
         MemoryOutput(slab=0)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])
+def test_id_map_by_table_and_by_search_agree(em_volume, dtype):
+    """Final ids are written through a dense look-up table where ids are small, else by a
+    search in the sorted keys: both map every id as the table says and others to 0."""
+    import cc3d
+
+    from panoptem.inference.volume import DENSE_LUT_IDS, _IdMap
+
+    labels = cc3d.connected_components(em_volume[:8] < 90).astype(np.int64) + 10000 * (em_volume[:8] < 90)
+    ids = np.unique(labels[labels > 0])
+    labels[0, :4, :4] = -2  # a negative id and ids past the table's end map to 0 too
+    labels[1, :4, :4] = 10**6
+    keys = np.sort(np.random.default_rng(0).choice(ids, len(ids) // 2, replace=False))
+    vals = np.arange(1, len(keys) + 1).astype(dtype)
+    vals[::4], vals[-1] = 0, 7  # the last key's value is not 0
+    table = dict(zip(keys.tolist(), vals.tolist(), strict=True))
+    expected = np.vectorize(lambda i: table.get(i, 0), otypes=[dtype])(labels)
+    dense = _IdMap(keys, vals)
+    searched = _IdMap(np.append(keys, DENSE_LUT_IDS), np.append(vals, 1).astype(dtype))
+    assert dense.lut is not None and searched.lut is None
+    for mapped in (dense(labels), searched(labels)):
+        assert mapped.dtype == dtype
+        np.testing.assert_array_equal(mapped, expected)

@@ -51,7 +51,7 @@ import numpy as np
 from panoptem.errors import PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Params2D
-from panoptem.inference.volume import Engine3D, Params3D, Result3D, _lut_apply, check_volume
+from panoptem.inference.volume import Engine3D, Params3D, Result3D, _IdMap, check_volume
 from panoptem.inference.zarr_store import StoreInfo, parse_chunks
 from panoptem.progress import Progress, ensure_progress
 
@@ -466,7 +466,7 @@ def _relabel_block(job: _Job, name: str, idx, keys: np.ndarray, vals: np.ndarray
     block = np.asarray(arr[core])
     if not block.any():
         return
-    arr[core] = _lut_apply(block, keys, vals)
+    arr[core] = _IdMap(keys, vals)(block)
 
 
 def _block_range(data) -> tuple[float, float] | None:
