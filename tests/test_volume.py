@@ -303,3 +303,37 @@ def test_id_map_by_table_and_by_search_agree(em_volume, dtype):
     for mapped in (dense(labels), searched(labels)):
         assert mapped.dtype == dtype
         np.testing.assert_array_equal(mapped, expected)
+
+
+def test_in_memory_arrays_are_written_in_pieces_side_by_side(engine3d, small_vol, monkeypatch):
+    """In-memory results are written in pieces of a few slices, several at once: the same
+    arrays as in one piece, for the xy, xz and yz stacks and the consensus alike."""
+    import threading
+
+    from panoptem.inference import volume
+
+    p3 = Params3D(ortho_plane=True, min_size=30, return_stacks=True)
+    whole = engine3d.segment(small_vol, P2, p3)
+    monkeypatch.setattr(volume, "WRITE_PIECE_VOXELS", 3 * 96 * 112)  # 3 of the 10 slices
+    monkeypatch.setattr(volume, "WRITE_THREADS", 3)
+    readers, read = set(), volume._read_zyx
+
+    def recorded(*args):
+        readers.add(threading.current_thread().name)
+        return read(*args)
+
+    monkeypatch.setattr(volume, "_read_zyx", recorded)
+    stages = []
+
+    class Stages(Progress):
+        def on_stage(self, name, total):
+            stages.append((name, total))
+
+    pieces = engine3d.segment(small_vol, P2, p3, progress=Stages())
+    assert stages.count(("writing", 4)) == 6  # 3 views and 3 returned stacks, 4 pieces each
+    assert readers and all(t.startswith("panoptem-write") for t in readers)
+    assert whole.classes["mito"].max() > 0
+    for name in whole.classes:
+        np.testing.assert_array_equal(pieces.classes[name], whole.classes[name])
+    for ax in ("xy", "xz", "yz"):
+        np.testing.assert_array_equal(pieces.stacks[ax], whole.stacks[ax])
