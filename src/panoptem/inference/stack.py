@@ -191,7 +191,7 @@ class _Objects:
 
 
 def _objects(labels: np.ndarray) -> _Objects:
-    """Index the ids of a 2D label image (one pass to renumber, one to count and box)."""
+    """Index the ids of a 2D label image: renumber them 0..k-1, count and box each."""
     codes, remap = fastremap.renumber(np.asarray(labels), preserve_zero=True, in_place=False)
     k = max(remap.values()) + 1
     ids = np.zeros(k, np.int64)
