@@ -104,7 +104,7 @@ class Watched(Engine2D):
         self.threads.add(threading.current_thread().name)
         return super().heads_batch(images, *args)
 
-    def panoptic(self, probs, ctr, off, p, shape):
+    def panoptic_codes(self, probs, ctr, off, p, shape):
         i = len(self.overlapped)
         if i + 1 < self.n_slices and self.wait:
             # sequential code would start slice i+1 only after this returns: the wait fails
@@ -115,7 +115,7 @@ class Watched(Engine2D):
             self.overlapped.append(self.started > i + 1)
         else:
             self.overlapped.append(True)
-        return super().panoptic(probs, ctr, off, p, shape)
+        return super().panoptic_codes(probs, ctr, off, p, shape)
 
 
 @pytest.mark.parametrize("median_size", [1, 3])
@@ -373,9 +373,9 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap
 class PairedPost(_FirstTwoMeet):
     """Its first two slices are post-processed only while both are at once."""
 
-    def panoptic(self, *args):
+    def panoptic_codes(self, *args):
         self._meet()
-        return super().panoptic(*args)
+        return super().panoptic_codes(*args)
 
 
 @pytest.mark.parametrize("median_size, overlap", [(1, True), (3, True), (3, False)])

@@ -5,13 +5,19 @@ import pytest
 import torch
 
 from panoptem.errors import PanoptemError
+from panoptem.inference import postprocess
 from panoptem.inference.postprocess import (
+    _block_any,
+    class_counts,
+    class_mask,
+    connected_panoptic_codes,
     fill_holes,
     find_instance_centers,
     group_pixels,
     harden_semantic,
     merge_semantic_and_instance,
     panoptic_from_heads,
+    panoptic_from_probs,
     relabel_connected,
 )
 
@@ -84,6 +90,13 @@ def test_merge_instance_class_is_majority():
     ins = np.array([[4, 4, 4, 0]])
     pan = merge_semantic_and_instance(sem, ins, [1, 2], 100, stuff_area=1)
     assert pan.tolist() == [[101, 101, 101, 0]]
+
+
+def test_merge_numbers_the_instances_present_on_thing_pixels():
+    sem = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], np.uint8)
+    ins = np.array([[5, 5, 2, 4], [5, 5, 2, 4]], np.int32)  # 4 only on background
+    out = merge_semantic_and_instance(sem, ins, [1], 1000)
+    assert out.tolist() == [[1002, 1002, 1001, 0], [1002, 1002, 1001, 0]]
 
 
 def test_stuff_area_threshold():
@@ -180,3 +193,104 @@ def test_fill_holes_fills_own_holes_only():
     ring[1:6, 4:6] = 2
     ring[3, 3:5] = 0
     assert (fill_holes(ring)[3, 3:5] == 0).all()
+
+
+@pytest.mark.parametrize("classes", [[], [1], [0, 2], [2, 300, -1], list(range(12))])
+def test_class_masks_and_counts_by_comparison_and_by_table(classes):
+    rng = np.random.default_rng(0)
+    for top in (1, 3, 20):  # few classes are compared one by one, many go through tables
+        sem = rng.integers(0, top + 1, (30, 40)).astype(np.uint8)
+        assert np.array_equal(class_mask(sem, classes), np.isin(sem, classes))
+        assert class_counts(sem).tolist() == np.bincount(sem.ravel(), minlength=top + 1).tolist()
+    assert class_counts(np.zeros((0, 4), np.uint8)).tolist() == [0]
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8, 16])
+def test_block_any_reads_every_pixel_of_each_block(factor):
+    rng = np.random.default_rng(factor)
+    h, w = 7, 5
+    mask = np.zeros((h * factor, w * factor), bool)
+    ys, xs = rng.integers(0, h * factor, 9), rng.integers(0, w * factor, 9)
+    mask[ys, xs] = True  # single pixels, anywhere in their block
+    expected = np.zeros((h, w), bool)
+    expected[ys // factor, xs // factor] = True
+    assert np.array_equal(_block_any(mask, factor, (h, w)), expected)
+
+
+def real_heads(lucchi_image, downsampling=1):
+    """The bundled model's raw outputs on a real EM crop whose sides the model pads."""
+    from panoptem.demo import DEMO_MODEL
+    from panoptem.inference.engine import Engine2D, Params2D
+    from panoptem.inference.preprocess import to_unit_range
+
+    p = Params2D(downsampling=downsampling).validated()
+    image = to_unit_range(lucchi_image[:401, :522], None)
+    probs, ctr, off = Engine2D(DEMO_MODEL).outputs_batch([image], p)[0]
+    return probs, ctr, off, (401, 522)
+
+
+def merged_then_connected(probs, ctr, off, crop, **kw):
+    pan = panoptic_from_probs(probs, ctr, off, **kw)[: crop[0], : crop[1]]
+    return pan if kw.get("semantic_only") else relabel_connected(pan, kw["thing_list"], kw["label_divisor"])
+
+
+def assert_codes_equal(probs, ctr, off, crop, **kw):
+    expected = merged_then_connected(probs, ctr, off, crop, **kw)
+    codes, ids = connected_panoptic_codes(probs, ctr, off, crop=crop, **kw)
+    assert ids[0] == 0 and len(set(ids.tolist())) == len(ids)
+    assert (np.bincount(codes.ravel(), minlength=len(ids))[1:] > 0).all()  # each id is there
+    assert np.array_equal(ids[codes], expected)
+    return expected
+
+
+def test_connected_codes_of_one_thing_class_skip_the_merge(lucchi_image, monkeypatch):
+    """A slice with one thing class (here also a stuff class) takes the short way, without
+    the merge and the relabelling, and gives their result."""
+    probs, ctr, off, crop = real_heads(lucchi_image)
+    # background, mitochondria, and a stuff class on the darkest third of the background
+    h, w = probs.shape[-2:]  # the padded size
+    dark = (1 - probs) * (torch.from_numpy(lucchi_image[:h, :w]).float() < 90)[None]
+    three = torch.cat([1 - probs - dark * 0.6, probs, dark * 0.6 + 1e-3], 0)
+    n_stuff = int((three.argmax(0) == 2).sum())  # on the whole padded image, as the merge counts
+    cases = [(probs, dict(thing_list=[1])), (three, dict(thing_list=[1])),
+             (probs, dict(thing_list=[1], min_distance=51)),
+             (three, dict(thing_list=[1], stuff_area=n_stuff)),
+             (three, dict(thing_list=[1], stuff_area=n_stuff + 1))]
+    expected = [merged_then_connected(p, ctr, off, crop, label_divisor=1000, **kw) for p, kw in cases]
+    assert len(np.unique(expected[0])) > 5 and (expected[1] == 2000).sum() > 64
+    assert len(np.unique(expected[1] // 1000)) == 3  # void, mitochondria and the stuff class
+    assert not np.array_equal(expected[0], expected[2])
+    assert np.array_equal(expected[3], expected[1]) and not (expected[4] % 1000 == 0).all()
+    assert not (expected[4] == 2000).any()  # one pixel short of the stuff area
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the short way merged")
+
+    monkeypatch.setattr(postprocess, "panoptic_from_probs", no_merge)
+    for (p, kw), exp in zip(cases, expected, strict=True):
+        codes, ids = connected_panoptic_codes(p, ctr, off, crop=crop, label_divisor=1000, **kw)
+        assert np.array_equal(ids[codes], exp)
+
+
+@pytest.mark.parametrize("kw", [dict(thing_list=[1, 2]), dict(thing_list=[2]),
+                                dict(thing_list=[1], semantic_only=True),
+                                dict(thing_list=[1], downsampling=2),
+                                dict(thing_list=[1], stuff_area=10 ** 6)])
+def test_connected_codes_equal_merge_then_relabel(lucchi_image, kw):
+    kw = dict(label_divisor=1000, **kw)
+    probs, ctr, off, crop = real_heads(lucchi_image, kw.get("downsampling", 1))
+    if kw["thing_list"] != [1]:  # two thing classes: mitochondria split at a column
+        right = torch.zeros_like(probs)
+        right[..., probs.shape[-1] // 2:] = 1
+        probs = torch.cat([1 - probs, probs * (1 - right), probs * right], 0)
+    labels = assert_codes_equal(probs, ctr, off, crop, **kw)
+    assert len(np.unique(labels)) > (1 if kw.get("semantic_only") else 3)
+
+
+def test_connected_codes_report_too_many_objects_like_the_merge(lucchi_image):
+    probs, ctr, off, crop = real_heads(lucchi_image)
+    with pytest.raises(PanoptemError, match="Max objects per class") as merged:
+        merged_then_connected(probs, ctr, off, crop, thing_list=[1], label_divisor=3)
+    with pytest.raises(PanoptemError, match="Max objects per class") as coded:
+        connected_panoptic_codes(probs, ctr, off, crop=crop, thing_list=[1], label_divisor=3)
+    assert str(coded.value) == str(merged.value)

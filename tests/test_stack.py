@@ -8,7 +8,7 @@ import torch
 
 from panoptem.errors import PanoptemError
 from panoptem.inference.matching import match_slice
-from panoptem.inference.postprocess import relabel_connected
+from panoptem.inference.postprocess import label_codes, relabel_connected
 from panoptem.inference.stack import median_filtered, segment_stack
 from panoptem.inference.volume import filter_objects, morphology
 
@@ -103,8 +103,8 @@ class LabelEngine:
     def __init__(self, things):
         self.thing_list = things
 
-    def panoptic(self, pan, _ctr, _off, _params, _shape):
-        return pan
+    def panoptic_codes(self, pan, _ctr, _off, _params, _shape):
+        return label_codes(pan)
 
 
 def em_panoptic_slices(volume, div):

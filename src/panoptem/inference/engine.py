@@ -19,10 +19,9 @@ from panoptem._params import param
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.postprocess import (
+    connected_panoptic_codes,
     fill_holes,
     number_from_one,
-    panoptic_from_probs,
-    relabel_connected,
     semantic_probabilities,
 )
 from panoptem.inference.tiling import segment_tiled, tile_grid
@@ -227,15 +226,19 @@ class Engine2D:
     def panoptic(self, probs: torch.Tensor, ctr: torch.Tensor, off: torch.Tensor, p: Params2D,
                  shape: tuple[int, int]) -> np.ndarray:
         """Panoptic image of ``shape`` from :meth:`outputs`, objects made connected."""
-        pan = panoptic_from_probs(
+        codes, ids = self.panoptic_codes(probs, ctr, off, p, shape)
+        return np.take(ids.astype(np.int32), codes)
+
+    def panoptic_codes(self, probs: torch.Tensor, ctr: torch.Tensor, off: torch.Tensor,
+                       p: Params2D, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`panoptic` as an index image and the id of each index (see
+        :func:`~.postprocess.connected_panoptic_codes`)."""
+        return connected_panoptic_codes(
             probs, ctr, off, thing_list=self.thing_list, label_divisor=p.label_divisor,
             downsampling=p.downsampling, confidence_thr=p.confidence_thr,
             center_threshold=p.center_confidence_thr, min_distance=p.min_distance,
-            semantic_only=p.semantic_only,
-        )[: shape[0], : shape[1]]
-        if not p.semantic_only:
-            pan = relabel_connected(pan, self.thing_list, p.label_divisor)
-        return pan
+            semantic_only=p.semantic_only, crop=shape,
+        )
 
     def _panoptic(self, x255: torch.Tensor, p: Params2D) -> np.ndarray:
         """Untiled panoptic result of one image or tile, objects made connected."""

@@ -38,6 +38,8 @@ __all__ = [
     "number_from_one",
     "panoptic_from_heads",
     "panoptic_from_probs",
+    "connected_panoptic_codes",
+    "label_codes",
     "relabel_connected",
     "fill_holes",
 ]
@@ -49,17 +51,35 @@ __all__ = [
 #: slices of a 3D run started 16 threads per slice.
 KDTREE_THREADED_POINTS = 65536
 
+#: Up to this many classes, class masks and counts compare the class map with each class
+#: in turn; more classes go through a lookup table or a bincount.
+FEW_CLASSES = 8
+
 
 def class_mask(classes_map: np.ndarray, classes) -> np.ndarray:
     """Boolean mask of the pixels whose (non-negative integer) class is in ``classes``.
 
-    A lookup table instead of ``np.isin``: several times faster on class maps.
+    A few classes are compared one by one (0.07 ms per class on a 1024 x 1024 uint8 map);
+    more go through a lookup table (3 ms there, several times faster than ``np.isin``).
     """
-    classes = [int(c) for c in classes]
+    classes = sorted({int(c) for c in classes if int(c) >= 0})
+    if len(classes) <= FEW_CLASSES:
+        mask = np.zeros(np.shape(classes_map), dtype=bool)
+        for c in classes:
+            mask |= classes_map == c
+        return mask
     top = int(classes_map.max()) if classes_map.size else 0
-    lut = np.zeros(max(top, *classes, 0) + 1, dtype=bool)
-    lut[[c for c in classes if c >= 0]] = True
+    lut = np.zeros(max(top, *classes) + 1, dtype=bool)
+    lut[classes] = True
     return lut[classes_map]
+
+
+def class_counts(classes_map: np.ndarray) -> np.ndarray:
+    """Pixels of each class ``0..max`` of a (non-negative integer) class map."""
+    top = int(classes_map.max()) if classes_map.size else 0
+    if top < FEW_CLASSES:  # one comparison per class: 0.25 against 3.9 ms for bincount
+        return np.array([np.count_nonzero(classes_map == c) for c in range(top + 1)], np.int64)
+    return np.bincount(np.ravel(classes_map), minlength=top + 1).astype(np.int64, copy=False)
 
 
 def semantic_probabilities(sem_logits: torch.Tensor) -> torch.Tensor:
@@ -173,18 +193,25 @@ def merge_semantic_and_instance(sem: np.ndarray, ins: np.ndarray, thing_list, la
     sem = np.asarray(sem)
     ins = np.asarray(ins)
     thing_list = [int(c) for c in thing_list]
-    ncls = int(sem.max()) + 1 if sem.size else 1
-    out = np.full(sem.shape, void_label, dtype=np.int32)
-    is_thing = class_mask(sem, thing_list)
-    ins_t = np.where(is_thing, ins, 0)
+    hist = class_counts(sem)
+    ncls = len(hist)
+    ins_t = np.where(class_mask(sem, thing_list), ins, 0)
+    if ins_t.size and ins_t.min() < 0:  # negative instance ids are no instance
+        ins_t = np.maximum(ins_t, 0)
     n_ids = int(ins_t.max()) if ins_t.size else 0
+    lut = np.zeros(n_ids + 1, dtype=np.int64)
+    lut[0] = void_label
     if n_ids > 0:
-        sel = ins_t > 0
-        pairs = np.bincount(ins_t[sel].astype(np.int64) * ncls + sem[sel], minlength=(n_ids + 1) * ncls)
-        pairs = pairs.reshape(n_ids + 1, ncls)
-        present = pairs.sum(1) > 0
-        id_class = pairs.argmax(1)  # most frequent class; smallest class id on ties
-        lut = np.zeros(n_ids + 1, dtype=np.int64)
+        things_here = [c for c in thing_list if 0 <= c < ncls and hist[c] > 0]
+        if len(things_here) == 1:  # every instance pixel is of that class
+            present = np.bincount(ins_t.ravel(), minlength=n_ids + 1) > 0
+            id_class = np.full(n_ids + 1, things_here[0])
+        else:  # each instance takes its most frequent class (the smallest on ties)
+            pairs = np.bincount(ins_t.ravel().astype(np.int64) * ncls + sem.ravel(),
+                                minlength=(n_ids + 1) * ncls).reshape(n_ids + 1, ncls)
+            present = pairs.sum(1) > 0
+            id_class = pairs.argmax(1)
+        present[0] = False
         for c in np.unique(id_class[present]):
             members = np.nonzero(present & (id_class == c))[0]
             if len(members) >= label_divisor:
@@ -193,22 +220,27 @@ def merge_semantic_and_instance(sem: np.ndarray, ins: np.ndarray, thing_list, la
                     f"{label_divisor}; raise it (e.g. to {10 ** len(str(len(members)))})."
                 )
             lut[members] = c * label_divisor + np.arange(1, len(members) + 1)
-        out = np.where(sel, lut[ins_t], out).astype(np.int32)
-    covered = ins_t > 0
-    for c in np.unique(sem):
-        c = int(c)
-        if c == 0 or c in thing_list:
-            continue
-        stuff = (sem == c) & ~covered
-        if stuff.sum() >= stuff_area:
-            out[stuff] = c * label_divisor
+    out = np.take(lut.astype(np.int32), ins_t)
+    # stuff pixels are never instance pixels (those are of a thing class): count the class
+    for c in np.flatnonzero(hist).tolist():
+        if c != 0 and c not in thing_list and hist[c] >= stuff_area:
+            out[sem == c] = c * label_divisor
     return out
 
 
 def _block_any(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """(H*f, W*f) bool -> (H, W): True where any pixel of the f x f block is True."""
+    """(H*f, W*f) bool -> (H, W): True where any pixel of the f x f block is True.
+
+    The booleans are read as words of up to 8 pixels of a row, so the reductions run over
+    whole words: a 1024 x 1024 mask in 4 x 4 blocks took 0.11 ms against 4.8 ms for
+    ``any`` over the two block axes.
+    """
     h, w = shape
-    return mask.reshape(h, factor, w, factor).any(axis=(1, 3))
+    if factor == 1:
+        return np.asarray(mask, dtype=bool).reshape(h, w)
+    width = next(b for b in (8, 4, 2, 1) if factor % b == 0)
+    words = np.ascontiguousarray(mask, dtype=bool).view(f"u{width}").reshape(h, factor, w, factor // width)
+    return np.bitwise_or.reduce(np.bitwise_or.reduce(words, axis=1), axis=2) != 0
 
 
 def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets: torch.Tensor,
@@ -272,6 +304,84 @@ def panoptic_from_probs(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, offsets:
     return merge_semantic_and_instance(sem, ins, things, label_divisor, stuff_area, void_label)
 
 
+def connected_panoptic_codes(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, offsets: torch.Tensor,
+                             *, thing_list, label_divisor: int = 10000, downsampling: int = 1,
+                             confidence_thr: float = 0.5, center_threshold: float = 0.1,
+                             min_distance: int = 3, stuff_area: int = 64, semantic_only: bool = False,
+                             crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The panoptic image of one image's outputs, cropped and with connected objects, as an
+    index image and the id of each index.
+
+    ``ids[codes]`` equals :func:`panoptic_from_probs` (same arguments, void label 0) cropped
+    to its first ``crop`` rows and columns, then :func:`relabel_connected` with
+    ``thing_list`` (nothing is relabelled with ``semantic_only``). ``codes`` (H, W) holds
+    non-negative integers; ``ids`` (k,) int64 starts with 0 (the void id) and lists every
+    other id once, each present in the image.
+
+    Where the image has pixels of exactly one thing class (as every slice of a
+    mitochondria model), this takes a shorter way with the same result: the connected
+    components of the instance map on that class's pixels are the objects, numbered in
+    raster order as :func:`relabel_connected` numbers them, so neither the per-class
+    numbering of the merge nor the relabelling is needed (a 1024 x 1024 slice: about
+    20 ms less than the general way). Anything else goes the general way.
+    """
+    kwargs = dict(thing_list=thing_list, label_divisor=label_divisor, downsampling=downsampling,
+                  confidence_thr=confidence_thr, center_threshold=center_threshold,
+                  min_distance=min_distance, stuff_area=stuff_area)
+    thing_list = [int(c) for c in thing_list]
+    sem = harden_semantic(sem_probs, confidence_thr).cpu().numpy()
+    hist = class_counts(sem)
+    things_here = [c for c in thing_list if 0 <= c < len(hist) and hist[c] > 0]
+    fast = not semantic_only and len(things_here) == 1
+    if fast:
+        thing = things_here[0]
+        H, W = sem.shape
+        h, w = ctr_hmp.shape[-2:]
+        factor = H // h
+        fast = (h * factor, w * factor) == (H, W) and not factor % downsampling \
+            and offsets.shape[-2:] == (h, w)  # else the general way explains the misfit
+    if fast:
+        centers = find_instance_centers(ctr_hmp, center_threshold, min_distance)
+        fast = len(centers) < label_divisor  # else the merge may find too many objects
+    if fast:
+        thing_mask = sem == thing
+        ins = group_pixels(centers, offsets.float().cpu().numpy(), step=factor // downsampling,
+                           mask=_block_any(thing_mask, factor, (h, w)))
+        if factor > 1:
+            ins = ins.repeat(factor, axis=0).repeat(factor, axis=1)
+        window = (slice(0, crop[0]), slice(0, crop[1])) if crop else (slice(None),) * 2
+        sem, ins_t = sem[window], np.where(thing_mask, ins, 0)[window]
+        codes, n = cc3d.connected_components(ins_t, connectivity=8, return_N=True)
+        fast = n < label_divisor  # else the general way raises the error
+    if not fast:
+        pan = panoptic_from_probs(sem_probs, ctr_hmp, offsets, semantic_only=semantic_only, **kwargs)
+        if crop:
+            pan = pan[: crop[0], : crop[1]]
+        if not semantic_only:
+            pan = relabel_connected(pan, thing_list, label_divisor)
+        return label_codes(pan)
+    # the stuff classes kept (counted on the whole image, as the merge does) present here
+    stuff = [c for c in np.flatnonzero(hist).tolist()
+             if c != 0 and c not in thing_list and hist[c] >= stuff_area]
+    stuff_masks = [(c, m) for c in stuff if (m := sem == c).any()]
+    ids = np.concatenate([[0], thing * label_divisor + np.arange(1, n + 1),
+                          [c * label_divisor for c, _ in stuff_masks]]).astype(np.int64)
+    if len(ids) - 1 > np.iinfo(codes.dtype).max:
+        codes = codes.astype(np.uint32)
+    for j, (_, m) in enumerate(stuff_masks, start=n + 1):
+        codes[m] = j
+    return codes, ids
+
+
+def label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A label image as an index image and the id of each index: ``ids[codes] == labels``,
+    ``ids[0] == 0`` (whether or not the image has 0s), every other id once."""
+    codes, remap = fastremap.renumber(np.asarray(labels), preserve_zero=True, in_place=False)
+    ids = np.zeros(max(remap.values()) + 1, np.int64)
+    ids[list(remap.values())] = list(remap.keys())
+    return codes, ids
+
+
 def relabel_connected(panoptic: np.ndarray, thing_list, label_divisor: int,
                       connectivity: int = 8) -> np.ndarray:
     """Split disconnected parts of each thing object and renumber per class in raster order.
@@ -289,14 +399,16 @@ def relabel_connected(panoptic: np.ndarray, thing_list, label_divisor: int,
         in_class = (out >= lo) & (out < hi)
         if not in_class.any():
             continue
-        cc = cc3d.connected_components(np.where(in_class, out, 0), connectivity=connectivity)
-        n = int(cc.max())
+        cc, n = cc3d.connected_components(np.where(in_class, out, 0), connectivity=connectivity,
+                                          return_N=True)
         if n >= label_divisor:
             raise PanoptemError(
                 f"Class {c} has {n} objects but 'Max objects per class' is {label_divisor}; "
                 f"raise it (e.g. to {10 ** len(str(n))})."
             )
-        out[in_class] = c * label_divisor + cc[in_class].astype(np.int32)
+        ids = cc.astype(np.int32)
+        ids += c * label_divisor
+        np.copyto(out, ids, where=in_class)
     return out
 
 

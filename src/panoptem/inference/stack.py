@@ -35,6 +35,7 @@ from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.matching import match_objects
 from panoptem.inference.pipeline import ahead, ordered_map
+from panoptem.inference.postprocess import label_codes
 from panoptem.overlap import pair_counts
 from panoptem.progress import Progress, ensure_progress
 
@@ -192,10 +193,13 @@ class _Objects:
 
 def _objects(labels: np.ndarray) -> _Objects:
     """Index the ids of a 2D label image: renumber them 0..k-1, count and box each."""
-    codes, remap = fastremap.renumber(np.asarray(labels), preserve_zero=True, in_place=False)
-    k = max(remap.values()) + 1
-    ids = np.zeros(k, np.int64)
-    ids[list(remap.values())] = list(remap.keys())
+    return _indexed(*label_codes(labels))
+
+
+def _indexed(codes: np.ndarray, ids: np.ndarray) -> _Objects:
+    """The objects of an index image whose index ``j`` has the id ``ids[j]``: count and box
+    each."""
+    k = len(ids)
     counts = np.bincount(codes.ravel(), minlength=k).astype(np.int64, copy=False)
     boxes = np.zeros((k, 4), np.int64)
     for j, (ys, xs) in enumerate(ndimage.find_objects(codes, max_label=k - 1), 1):
@@ -497,7 +501,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         raise ValueError(f"post must be at least 1, not {post}")
 
     def panoptic(item):  # the post-processing threads also index each slice's objects
-        return _objects(engine.panoptic(*item, params, (h, w)))
+        return _indexed(*engine.panoptic_codes(*item, params, (h, w)))
 
     filtered = median_filtered(source, median_size)
     pans = (ordered_map(panoptic, filtered, post, name=f"panoptem-post-{axis}") if post > 1
