@@ -74,3 +74,24 @@ def test_node_groups_lists_components_in_node_order():
     assert node_groups(6, [(4, 1), (2, 3)]) == [[0], [1, 4], [2, 3], [5]]
     assert node_groups(3, []) == [[0], [1], [2]]
     assert node_groups(0, []) == []
+
+
+@pytest.mark.parametrize("dtype, na, nb", [(np.uint16, 40, 30), (np.uint64, 40, 30),
+                                           (np.int64, 70000, 40000), (np.uint8, 3, 200)])
+def test_pair_counts_equal_a_direct_count_in_32_and_64_bits(monkeypatch, dtype, na, nb):
+    """Codes are packed in 32 bits where ``na * nb`` fits, else in 64 (70000 x 40000)."""
+    rng = np.random.default_rng(na)
+    ka = rng.integers(0, na, (30, 40)).astype(dtype)
+    kb = rng.integers(0, nb, (30, 40)).astype(dtype)
+    ka[:3], kb[:, :2] = na - 1, nb - 1  # the largest indices pack to the largest codes
+    for limit in (ov.DENSE_LIMIT, 0):  # a dense table, and unique codes
+        monkeypatch.setattr(ov, "DENSE_LIMIT", limit)
+        ra, rb, cnt, area_a, area_b = ov.pair_counts(ka, na, kb, nb)
+        pairs = {}
+        for x, y in zip(ka.ravel().tolist(), kb.ravel().tolist(), strict=True):
+            pairs[(x, y)] = pairs.get((x, y), 0) + 1
+        assert sorted(pairs) == list(zip(ra.tolist(), rb.tolist(), strict=True))
+        assert cnt.tolist() == [pairs[p] for p in sorted(pairs)]
+        assert area_a.tolist() == np.bincount(ka.ravel().astype(np.int64), minlength=na).tolist()
+        assert area_b.tolist() == np.bincount(kb.ravel().astype(np.int64), minlength=nb).tolist()
+        assert all(a.dtype == np.int64 for a in (ra, rb, cnt, area_a, area_b))

@@ -190,3 +190,18 @@ def test_stack_with_more_objects_than_the_divisor_allows(em_volume):
         segment_stack(LabelEngine([1, 2]), em_volume[:8],
                       SimpleNamespace(label_divisor=div, semantic_only=False), median_size=1,
                       outputs=iter([(p, None, None) for p in pans]))
+
+
+def test_touching_counts_the_objects_pixels_and_the_shared_ones(em_volume):
+    from panoptem.inference.stack import _objects, _touching
+
+    div = 1000
+    pans = em_panoptic_slices(em_volume[:2], div)
+    prev, cur = _objects(pans[0]), _objects(pans[1])
+    (here, there, shared), area = _touching(prev, cur)
+    assert area.tolist() == np.bincount(cur.codes.ravel(), minlength=len(cur.ids)).tolist()
+    assert area[0] == (pans[1] == 0).sum() > 0 and len(shared) > 10
+    for i, j, n in zip(here.tolist(), there.tolist(), shared.tolist(), strict=True):
+        assert i > 0 and j > 0 and n == ((pans[0] == prev.ids[i]) & (pans[1] == cur.ids[j])).sum()
+    both = (pans[0] > 0) & (pans[1] > 0)  # every touching pair is listed
+    assert shared.sum() == both.sum()

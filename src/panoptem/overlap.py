@@ -98,9 +98,11 @@ def pair_counts(ka, na: int, kb, nb: int) -> tuple[np.ndarray, ...]:
     Returns ``(ra, rb, count, area_a, area_b)``: the index pairs that share at least one pixel,
     ordered by ``ra`` then ``rb``, their shared pixels, and each index's pixels (int64).
     """
-    ka = np.asarray(ka).ravel().astype(np.int64, copy=False)  # may be uint64 or narrow
-    kb = np.asarray(kb).ravel().astype(np.int64, copy=False)
-    code = ka * nb + kb
+    # one code per pixel, in 32 bits where they fit (fewer copies: 1024 x 1024, 13-14 -> 8-9 ms)
+    wide = np.int64 if na * nb > np.iinfo(np.int32).max else np.int32
+    ka = np.asarray(ka).ravel().astype(wide, copy=False)  # may be uint64 or narrow
+    code = ka * wide(nb)
+    np.add(code, np.asarray(kb).ravel(), out=code, casting="unsafe")  # kb < nb: no overflow
     if na * nb <= DENSE_LIMIT:
         counts = np.bincount(code, minlength=na * nb)
         codes = np.flatnonzero(counts)
@@ -110,8 +112,8 @@ def pair_counts(ka, na: int, kb, nb: int) -> tuple[np.ndarray, ...]:
     else:
         codes, cnt = np.unique(code, return_counts=True)
         area_a = np.bincount(ka, minlength=na).astype(np.int64)
-        area_b = np.bincount(kb, minlength=nb).astype(np.int64)
-    ra, rb = np.divmod(codes, nb)
+        area_b = np.bincount(np.asarray(kb).ravel(), minlength=nb).astype(np.int64)
+    ra, rb = np.divmod(codes.astype(np.int64, copy=False), nb)
     return ra, rb, cnt.astype(np.int64, copy=False), area_a, area_b
 
 

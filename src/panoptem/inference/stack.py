@@ -177,8 +177,8 @@ class _Objects:
     ----------
     ids : ndarray (k,) int64
         The id of each index.
-    counts : ndarray (k,) int64
-        Pixels of each index.
+    counts : ndarray (k,) int64 or None
+        Pixels of each index (None until counted).
     boxes : ndarray (k, 4) int64
         Inclusive bounding box (r0, r1, c0, c1) of each index (zeros for the background).
     codes : ndarray (h, w) or None
@@ -186,25 +186,30 @@ class _Objects:
     """
 
     ids: np.ndarray
-    counts: np.ndarray
+    counts: np.ndarray | None
     boxes: np.ndarray
     codes: np.ndarray | None
 
 
 def _objects(labels: np.ndarray) -> _Objects:
     """Index the ids of a 2D label image: renumber them 0..k-1, count and box each."""
-    return _indexed(*label_codes(labels))
+    obj = _indexed(*label_codes(labels))
+    obj.counts = _counts(obj)
+    return obj
 
 
 def _indexed(codes: np.ndarray, ids: np.ndarray) -> _Objects:
-    """The objects of an index image whose index ``j`` has the id ``ids[j]``: count and box
-    each."""
+    """The objects of an index image whose index ``j`` has the id ``ids[j]``, boxed but not
+    yet counted (the matching counts them with the pixels they share, see :func:`_touching`)."""
     k = len(ids)
-    counts = np.bincount(codes.ravel(), minlength=k).astype(np.int64, copy=False)
     boxes = np.zeros((k, 4), np.int64)
     for j, (ys, xs) in enumerate(ndimage.find_objects(codes, max_label=k - 1), 1):
         boxes[j] = ys.start, ys.stop - 1, xs.start, xs.stop - 1
-    return _Objects(ids, counts, boxes, codes)
+    return _Objects(ids, None, boxes, codes)
+
+
+def _counts(obj: _Objects) -> np.ndarray:
+    return np.bincount(obj.codes.ravel(), minlength=len(obj.ids)).astype(np.int64, copy=False)
 
 
 def _group(values: np.ndarray, weights: np.ndarray, select: np.ndarray):
@@ -297,10 +302,17 @@ def _match_step(target: np.ndarray, target_counts: np.ndarray, new: np.ndarray,
 
 def _touching(prev: _Objects, cur: _Objects) -> tuple:
     """``(index in prev, index in cur, shared pixels)`` of the objects of two neighbouring
-    slices that touch (background excluded)."""
-    ra, rb, cnt, _, _ = pair_counts(prev.codes, len(prev.ids), cur.codes, len(cur.ids))
-    keep = (ra > 0) & (rb > 0)
-    return ra[keep], rb[keep], cnt[keep]
+    slices that touch (background excluded), and the pixels of each index of ``cur``.
+
+    Only the pixels of ``cur``'s objects are counted (a 1024 x 1024 slice of mitochondria:
+    about 3 against 8 ms for every pixel); its background's pixels are the rest.
+    """
+    where = np.flatnonzero(cur.codes)
+    ra, rb, cnt, _, area = pair_counts(prev.codes.ravel()[where], len(prev.ids),
+                                       cur.codes.ravel()[where], len(cur.ids))
+    area[0] = cur.codes.size - len(where)
+    keep = ra > 0
+    return (ra[keep], rb[keep], cnt[keep]), area
 
 
 def _relabel(labels: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -509,18 +521,20 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     # per slice: its objects (ids, counts, boxes), their forward ids, and the pairs it shares
     # with the slice before; the backward pass needs nothing else
     slices_seen: list[tuple[_Objects, np.ndarray, tuple]] = []
-    none, no_pairs = np.zeros(1, np.int64), (np.zeros(0, np.int64),) * 3
+    first, no_pairs = np.zeros(1, np.int64), (np.zeros(0, np.int64),) * 3  # nothing before
     try:
         prev = prev_ids = None
         for i, obj in enumerate(pans):
             if prev is None:  # the first slice: its objects keep their ids
-                target, target_counts, pairs = none, none, no_pairs
+                target, target_counts, pairs = first, first, no_pairs
+                obj.counts = _counts(obj)
             else:
-                target, target_counts, pairs = prev_ids, prev.counts, _touching(prev, obj)
+                target, target_counts = prev_ids, prev.counts
+                pairs, obj.counts = _touching(prev, obj)
                 prev.codes = None
             ids = _match_step(target, target_counts, obj.ids, obj.counts, pairs, things, div,
                               next_label, assign_new=True)
-            store[i] = ids.astype(np.int32)[obj.codes]
+            store[i] = np.take(ids.astype(np.int32), obj.codes)
             slices_seen.append((obj, ids, pairs))
             prev, prev_ids = obj, ids
             prog.advance()

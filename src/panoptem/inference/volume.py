@@ -146,8 +146,10 @@ class Result3D:
 
 
 #: An in-memory array is written in pieces of at most this many voxels (a few slices),
-#: :data:`WRITE_THREADS` pieces at once: bounded temporaries, and every core busy.
-WRITE_PIECE_VOXELS = 1 << 22
+#: :data:`WRITE_THREADS` pieces at once: bounded temporaries, and every core busy. On 2
+#: cores, 1M-voxel pieces wrote a 64 x 256 x 256 stack in 11-20 ms against 29-37 ms for
+#: 4M-voxel ones (then one piece), and a 64 x 1024 x 1024 one in 118-157 against 175-253 ms.
+WRITE_PIECE_VOXELS = 1 << 20
 WRITE_THREADS = min(4, os.cpu_count() or 1)
 
 #: Ids below this are mapped through a dense look-up table (at most 32 MB of int32), larger
