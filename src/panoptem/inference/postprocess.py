@@ -243,6 +243,34 @@ def _block_any(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndar
     return np.bitwise_or.reduce(np.bitwise_or.reduce(words, axis=1), axis=2) != 0
 
 
+def _heatmap_factor(shape: tuple[int, int], ctr_hmp: torch.Tensor, offsets: torch.Tensor,
+                    downsampling: int) -> int:
+    """Output pixels per heat-map pixel (downsampling x grid step) for a semantic map of
+    ``shape``; an error where the model's outputs do not fit together."""
+    H, W = shape
+    h, w = ctr_hmp.shape[-2:]
+    factor = H // h
+    if (h * factor, w * factor) != (H, W) or factor % downsampling or offsets.shape[-2:] != (h, w):
+        raise PanoptemError(
+            f"The model's outputs do not fit together (semantic {tuple(shape)}, centres "
+            f"{tuple(ctr_hmp.shape)}, offsets {tuple(offsets.shape)} at downsampling "
+            f"{downsampling}); the model file does not follow the empanada interface."
+        )
+    return factor
+
+
+def _instances(centers: np.ndarray, offsets: torch.Tensor, thing_mask: np.ndarray, factor: int,
+               downsampling: int) -> np.ndarray:
+    """The instance map at output resolution: the thing pixels' heat-map blocks grouped to
+    their nearest centre (:func:`group_pixels`), each block's id repeated over its pixels."""
+    h, w = (n // factor for n in thing_mask.shape)
+    ins = group_pixels(centers, offsets.float().cpu().numpy(), step=factor // downsampling,
+                       mask=_block_any(thing_mask, factor, (h, w)))
+    if factor > 1:
+        ins = ins.repeat(factor, axis=0).repeat(factor, axis=1)
+    return ins
+
+
 def panoptic_from_heads(sem_logits: torch.Tensor, ctr_hmp: torch.Tensor, offsets: torch.Tensor,
                         **kwargs) -> np.ndarray:
     """Panoptic label image from one image's raw model outputs (logits, heat map, offsets).
@@ -286,21 +314,9 @@ def panoptic_from_probs(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, offsets:
     if not thing_mask.any():
         return merge_semantic_and_instance(sem, np.zeros(sem.shape, dtype=np.int32), things,
                                            label_divisor, stuff_area, void_label)
-    H, W = sem.shape
-    h, w = ctr_hmp.shape[-2:]
-    factor = H // h  # output pixels per heat-map pixel = downsampling * grid step
-    if (h * factor, w * factor) != (H, W) or factor % downsampling or offsets.shape[-2:] != (h, w):
-        raise PanoptemError(
-            f"The model's outputs do not fit together (semantic {tuple(sem.shape)}, centres "
-            f"{tuple(ctr_hmp.shape)}, offsets {tuple(offsets.shape)} at downsampling "
-            f"{downsampling}); the model file does not follow the empanada interface."
-        )
+    factor = _heatmap_factor(sem.shape, ctr_hmp, offsets, downsampling)
     centers = find_instance_centers(ctr_hmp, center_threshold, min_distance)
-    grid_mask = _block_any(thing_mask, factor, (h, w))
-    ins = group_pixels(centers, offsets.float().cpu().numpy(), step=factor // downsampling,
-                       mask=grid_mask)
-    if factor > 1:
-        ins = ins.repeat(factor, axis=0).repeat(factor, axis=1)
+    ins = _instances(centers, offsets, thing_mask, factor, downsampling)
     return merge_semantic_and_instance(sem, ins, things, label_divisor, stuff_area, void_label)
 
 
@@ -334,21 +350,12 @@ def connected_panoptic_codes(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, off
     things_here = [c for c in thing_list if 0 <= c < len(hist) and hist[c] > 0]
     fast = not semantic_only and len(things_here) == 1
     if fast:
-        thing = things_here[0]
-        H, W = sem.shape
-        h, w = ctr_hmp.shape[-2:]
-        factor = H // h
-        fast = (h * factor, w * factor) == (H, W) and not factor % downsampling \
-            and offsets.shape[-2:] == (h, w)  # else the general way explains the misfit
-    if fast:
+        factor = _heatmap_factor(sem.shape, ctr_hmp, offsets, downsampling)
         centers = find_instance_centers(ctr_hmp, center_threshold, min_distance)
         fast = len(centers) < label_divisor  # else the merge may find too many objects
     if fast:
-        thing_mask = sem == thing
-        ins = group_pixels(centers, offsets.float().cpu().numpy(), step=factor // downsampling,
-                           mask=_block_any(thing_mask, factor, (h, w)))
-        if factor > 1:
-            ins = ins.repeat(factor, axis=0).repeat(factor, axis=1)
+        thing_mask = sem == things_here[0]
+        ins = _instances(centers, offsets, thing_mask, factor, downsampling)
         window = (slice(0, crop[0]), slice(0, crop[1])) if crop else (slice(None),) * 2
         sem, ins_t = sem[window], np.where(thing_mask, ins, 0)[window]
         codes, n = cc3d.connected_components(ins_t, connectivity=8, return_N=True)
@@ -364,7 +371,7 @@ def connected_panoptic_codes(sem_probs: torch.Tensor, ctr_hmp: torch.Tensor, off
     stuff = [c for c in np.flatnonzero(hist).tolist()
              if c != 0 and c not in thing_list and hist[c] >= stuff_area]
     stuff_masks = [(c, m) for c in stuff if (m := sem == c).any()]
-    ids = np.concatenate([[0], thing * label_divisor + np.arange(1, n + 1),
+    ids = np.concatenate([[0], things_here[0] * label_divisor + np.arange(1, n + 1),
                           [c * label_divisor for c, _ in stuff_masks]]).astype(np.int64)
     if len(ids) - 1 > np.iinfo(codes.dtype).max:
         codes = codes.astype(np.uint32)
