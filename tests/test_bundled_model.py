@@ -5,10 +5,12 @@ from __future__ import annotations
 from importlib import resources
 
 import numpy as np
+import pytest
 import tifffile
+import torch
 from PIL import Image
 
-from panoptem import registry
+from panoptem import loading, registry
 from panoptem.demo import DEMO_MODEL, run_demo, sample_image
 from panoptem.evaluation import evaluate
 from panoptem.inference.engine import Engine2D, Params2D
@@ -33,11 +35,25 @@ def test_bundled_model_segments_the_sample():
     assert metrics.f1 >= 0.8 and metrics.fg_iou >= 0.8
 
 
-def test_int8_model_agrees_with_float_on_a_real_image(lucchi_image):
+@pytest.fixture
+def fresh_models():
+    loading.clear_model_cache()  # int8 modules loaded for another engine are not kept
+    yield
+    loading.clear_model_cache()
+
+
+# int8 files are loaded for oneDNN's engine on CPUs with AMX int8, for fbgemm elsewhere
+@pytest.mark.parametrize(("amx", "engine_name"), [(False, "fbgemm"), (True, "onednn")])
+def test_int8_model_agrees_with_float_on_a_real_image(lucchi_image, monkeypatch, fresh_models,
+                                                      amx, engine_name):
+    if engine_name not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"this torch build has no {engine_name} engine")
+    monkeypatch.setattr(loading, "_has_amx_int8", lambda: amx)
+    monkeypatch.setattr(torch.backends.quantized, "engine", torch.backends.quantized.engine)
     image = lucchi_image[:512, :768]
     float_labels = Engine2D(DEMO_MODEL).segment(image, Params2D())
     engine = Engine2D(DEMO_MODEL, quantized=True)
-    assert engine.loaded.quantized
+    assert engine.loaded.quantized and torch.backends.quantized.engine == engine_name
     int8_labels = engine.segment(image, Params2D())
     agreement = evaluate(int8_labels, float_labels)
     assert agreement.fg_iou >= 0.95 and agreement.f1 >= 0.9

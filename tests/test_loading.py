@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,23 +139,41 @@ def test_quantized_that_cannot_run_falls_back(tmp_path, tiny_pth):
             assert loading.load_model(config, quantized=True).quantized is False
 
 
-@pytest.mark.parametrize(("before", "supported", "after"), [
-    ("none", ["qnnpack", "none"], "qnnpack"),  # a machine with none selected
-    # torch's default on x86: its oneDNN kernels keep a fast path only for the shape of their
+X86_ENGINES = ["qnnpack", "onednn", "x86", "fbgemm", "none"]
+
+
+@pytest.mark.parametrize(("amx", "before", "supported", "after"), [
+    (False, "none", ["qnnpack", "none"], "qnnpack"),  # a machine with none selected
+    (True, "none", ["qnnpack", "none"], "qnnpack"),
+    # torch's default on x86: its oneDNN kernels kept a fast path only for the shape of their
     # first call (the one-unit smoke test), so int8 files are loaded for fbgemm instead
-    ("x86", ["qnnpack", "onednn", "x86", "fbgemm", "none"], "fbgemm"),
+    (False, "x86", X86_ENGINES, "fbgemm"),
+    # except with AMX int8, where oneDNN's engine runs them faster whatever the first shape
+    (True, "x86", X86_ENGINES, "onednn"),
+    (True, "x86", ["x86", "fbgemm", "none"], "fbgemm"),  # a build without it
 ])
-def test_quantized_engine_selected_at_load(tmp_path, tiny_pth, monkeypatch, before, supported, after):
+def test_quantized_engine_selected_at_load(tmp_path, tiny_pth, monkeypatch, amx, before, supported,
+                                           after):
     class Engines:  # stands in for torch.backends.quantized
         engine = before
         supported_engines = supported
 
     monkeypatch.setattr(torch.backends, "quantized", Engines)
+    monkeypatch.setattr(loading, "_has_amx_int8", lambda: amx)
     qfile = save_scripted(Tiny(), tmp_path / "tiny_quantized.pth")
     config = make_config(model=str(tiny_pth), model_quantized=str(qfile))
     assert Engines.engine == before  # nothing happens before loading
     assert loading.load_model(config, quantized=True).quantized is True
     assert Engines.engine == after
+
+
+def test_amx_int8_is_what_the_cpu_reports(monkeypatch):
+    flags = Path("/proc/cpuinfo")
+    if not flags.is_file():
+        pytest.skip("needs Linux's /proc/cpuinfo")
+    assert loading._has_amx_int8() == (" amx_int8" in flags.read_text())
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # a torch that cannot tell
+    assert loading._has_amx_int8() is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

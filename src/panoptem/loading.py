@@ -18,7 +18,8 @@ optimises the frozen model for the device. On this machine's CPU that runs a for
 whose prepared copy does not give the same outputs on a test image,
 is used as loaded (with a warning). ``optimize=False`` keeps the file's module as it is.
 An int8 file is prepared too on CPUs with AVX-512 (:func:`prepare_quantized`): frozen, with
-its float convolutions made channels-last oneDNN ones.
+its float convolutions made channels-last oneDNN ones. It is loaded for the fbgemm quantized
+engine, or oneDNN's on CPUs with AMX int8 (:func:`_select_quantized_engine`).
 
 ``precision="bfloat16"`` is an opt-in that changes the numbers: the frozen float model runs
 under ``torch.autocast`` in bfloat16 (:class:`ReducedPrecision`) and returns float32 outputs.
@@ -57,11 +58,16 @@ __all__ = ["LoadedModel", "CachedModel", "load_model", "clear_model_cache", "cac
            "resolve_config", "resolve_device", "prepare_for_inference", "prepare_quantized",
            "ReducedPrecision", "PRECISIONS"]
 
-# fbgemm first: an int8 file's convolutions are packed for the engine selected when it is
-# loaded, and the "x86" engine's oneDNN kernels keep a fast path only for the input shape of
-# their first call. After the one-unit smoke test every later call took the slow path, about
-# 2.5x slower at 256 x 256 (MitoNet_v1, 2 cores); fbgemm kernels have no such memory.
+# The quantized engine int8 files are loaded for (the engine in force at load decides which
+# kernels their convolutions are packed for), best first. fbgemm first by default: the "x86"
+# engine's oneDNN kernels kept a fast path only for the input shape of their first call, and
+# after the one-unit smoke test every later call took the slow path, about 2.5x slower at
+# 256 x 256 (MitoNet_v1, 2 cores, AMD EPYC); fbgemm kernels have no such memory.
 _QUANT_ENGINE_PREFERENCE = ("fbgemm", "x86", "qnnpack", "onednn")
+# On CPUs with AMX int8, oneDNN's own engine first: its AMX convolutions ran MitoNet_v1's
+# int8 file 1.4-1.6x faster than fbgemm on one thread at 256 x 256, whatever shape came first
+# (64 x 256 x 256 stacks 4.3-4.6 s against 7.5 s, 2 cores, Intel Xeon with AMX).
+_QUANT_ENGINE_PREFERENCE_AMX = ("onednn", "fbgemm", "x86", "qnnpack")
 _OUTPUT_KEYS = ("sem_logits", "ctr_hmp", "offsets")
 #: What ``precision=`` accepts: the file's own float32, or bfloat16 under autocast.
 PRECISIONS = ("float32", "bfloat16")
@@ -234,17 +240,28 @@ def _jit_load(path: Path, device: torch.device, source: str) -> Any:
     return module
 
 
+def _has_amx_int8() -> bool:
+    """Whether torch finds AMX int8 instructions on this CPU (False where this torch cannot
+    tell)."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(capabilities is not None and capabilities().get("amx_int8", False))
+
+
 def _select_quantized_engine() -> None:
     """Select the quantized CPU backend int8 files are loaded with (at load, not import).
 
-    The first of ``_QUANT_ENGINE_PREFERENCE`` that this torch build supports is selected,
-    whatever was selected before, because the engine in force at load decides which kernels
-    the file's convolutions are packed for.
+    The first of ``_QUANT_ENGINE_PREFERENCE`` (``_QUANT_ENGINE_PREFERENCE_AMX`` on a CPU
+    with AMX int8) that this torch build supports is selected, whatever was selected
+    before, because the engine in force at load decides which kernels the file's
+    convolutions are packed for.
     """
     import torch
 
     supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
-    for engine in (*_QUANT_ENGINE_PREFERENCE, *supported):
+    preference = _QUANT_ENGINE_PREFERENCE_AMX if _has_amx_int8() else _QUANT_ENGINE_PREFERENCE
+    for engine in (*preference, *supported):
         if engine in supported:
             torch.backends.quantized.engine = engine
             return
