@@ -1,16 +1,22 @@
 """3D inference on a CUDA GPU: how much of the wall time the forward passes fill.
 
 For each case (a model and a volume) it runs stack and ortho-plane inference
-(``Engine3D.segment``) three ways (:data:`VARIANTS`): ``on``, the default on a GPU (the
+(``Engine3D.segment``) in the ways of :data:`VARIANTS`: ``on``, the default on a GPU (the
 forward passes run ahead in a thread of their own, several slices are post-processed at
 once: ``segment_stack(overlap=True)``, ``post`` from ``post_workers``); ``post1``, the same
-with one slice post-processed at a time; ``off``, everything in one thread. It also runs the
+with one slice post-processed at a time; ``off``, everything in one thread; and two
+candidates for the default, both as ``on`` otherwise: ``cpu``, the forward thread copies
+each slice's outputs to the CPU, so that the post-processing never queues work behind the
+forward passes on the GPU's one default stream; ``stream``, the forward passes run on a
+CUDA stream of their own (the post-processing stays on the GPU). It also runs the
 same forward passes alone (every slice of every plane through ``Engine2D.outputs_batch``,
 read and normalised as ``segment_stack`` does). It reports, per way of running,
 
 - ``wall_<way>_s``: the whole ``segment`` call (post-processing, matching, consensus, writing),
 - ``share_<way>``: ``forward_s / wall``, the forward passes' share of the wall time,
-- ``same_<way>``: whether its labels equal those of ``on`` (they must),
+- ``same_<way>``: whether its labels equal those of ``on`` (they must; ``cpu``
+  post-processes with the CPU's kernels, and where it differs ``agree_cpu`` gives its
+  agreement with ``on``),
 
 and ``forward_s``, the model calls alone, each synchronised, summed over the forward-only run.
 
@@ -88,15 +94,53 @@ def forward_only(engine2d, volume, axes, params2d) -> dict:
     return {"forward_s": engine2d.timings["forward"], "loop_s": time.perf_counter() - t0, "slices": n}
 
 
+def outputs_on_cpu(plain):
+    """``Engine2D.outputs_batch`` whose outputs are copied to the CPU in the calling thread."""
+    def outputs_batch(images, params):
+        return [tuple(t.cpu() for t in out) for out in plain(images, params)]
+    return outputs_batch
+
+
+def outputs_on_own_stream(plain, device):
+    """``Engine2D.outputs_batch`` run on a CUDA stream of its own; the outputs are complete
+    when it returns and are marked as used by the device's default stream, where the
+    post-processing reads them (so that their memory is not reused on the forward stream
+    before those reads are done)."""
+    import torch
+
+    if not torch.cuda.is_available():  # a CPU run: nothing to separate
+        return plain
+    stream = torch.cuda.Stream(device)
+    consumer = torch.cuda.default_stream(device)
+
+    def outputs_batch(images, params):
+        with torch.cuda.stream(stream):
+            outs = plain(images, params)
+        stream.synchronize()
+        for out in outs:
+            for t in out:
+                if t.is_cuda:
+                    t.record_stream(consumer)
+        return outs
+    return outputs_batch
+
+
 def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = None,
-            max_objects: int = 10000):
+            max_objects: int = 10000, outputs: str | None = None):
     """``Engine3D.segment`` with the stack loop's ``overlap`` and ``post`` (slices
-    post-processed at once) forced; ``post`` None keeps the default."""
+    post-processed at once) forced; ``post`` None keeps the default. ``outputs``: None, or
+    "cpu" or "stream" for the model outputs of :func:`outputs_on_cpu` or
+    :func:`outputs_on_own_stream`."""
     from panoptem.inference import stack as st
     from panoptem.inference.volume import Params3D
 
     plain = st.segment_stack
     st.segment_stack = functools.partial(plain, overlap=overlap, post=post)
+    e2d = engine3d.engine2d
+    if outputs == "cpu":
+        e2d.outputs_batch = outputs_on_cpu(type(e2d).outputs_batch.__get__(e2d))
+    elif outputs == "stream":
+        e2d.outputs_batch = outputs_on_own_stream(type(e2d).outputs_batch.__get__(e2d), e2d.device)
     try:
         _sync()
         t0 = time.perf_counter()
@@ -105,11 +149,14 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
         return res, time.perf_counter() - t0
     finally:
         st.segment_stack = plain
+        e2d.__dict__.pop("outputs_batch", None)
 
 
 #: The ways a case runs: forward passes overlapped with several slices post-processed at
-#: once (the default on a GPU), overlapped with one slice at a time, and all in one thread.
-VARIANTS = {"on": (True, None), "post1": (True, 1), "off": (False, 1)}
+#: once (the default on a GPU), overlapped with one slice at a time, all in one thread, and
+#: the default with the outputs copied to the CPU or computed on a stream of their own.
+VARIANTS = {"on": (True, None, None), "post1": (True, 1, None), "off": (False, 1, None),
+            "cpu": (True, None, "cpu"), "stream": (True, None, "stream")}
 
 
 def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
@@ -132,10 +179,10 @@ def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
         row = {"model": model, "volume": vol_name, "mode": mode, "precision": precision,
                "slices": fo["slices"], "forward_s": round(fo["forward_s"], 3),
                "forward_loop_s": round(fo["loop_s"], 3)}
-        for key, (overlap, post) in VARIANTS.items():
+        for key, (overlap, post, outputs) in VARIANTS.items():
             # random weights find many objects in the tiled volume
             res, wall = segment(engine, volume, mode == "ortho", overlap, post,
-                                10000 if model == "bundled" else 10**6)
+                                10000 if model == "bundled" else 10**6, outputs)
             row[f"wall_{key}_s"] = round(wall, 3)
             row[f"share_{key}"] = round(fo["forward_s"] / wall, 3)
             labels = res.classes["mito"]
@@ -143,6 +190,8 @@ def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
                 first = labels
             else:  # the way of running changes the time only
                 row[f"same_{key}"] = bool(np.array_equal(labels, first))
+                if key == "cpu" and not row["same_cpu"]:
+                    row["agree_cpu"] = agreement(first, labels)
             if key == "on":
                 row["objects"] = int(res.classes["mito"].max())
                 if keep:

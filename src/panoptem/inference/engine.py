@@ -201,8 +201,8 @@ class Engine2D:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.loaded.module(x, render_steps, bool(fine_boundaries))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # this thread's stream, not the whole device
+                torch.cuda.current_stream(self.device).synchronize()
         self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t0
         try:
             sem, ctr, off = out["sem_logits"], out["ctr_hmp"], out["offsets"]
