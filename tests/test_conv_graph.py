@@ -111,6 +111,33 @@ def test_convolution_arguments_are_kept(shape):
     assert torch.allclose(want, got, atol=1e-5)
 
 
+needs_bf16 = pytest.mark.skipif(not loading._native_bfloat16(),
+                                reason="needs a CPU with native bfloat16 (AVX-512 BF16 or AMX)")
+
+
+@needs_onednn
+@needs_bf16
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (2, 3, 20, 52)])
+def test_bfloat16_convolutions_compute_what_autocast_does(shape):
+    """In bfloat16 the converted module computes what the module computes under bfloat16
+    autocast (which casts inputs, weights and biases to bfloat16 on every call)."""
+    module = _Convs().eval()
+    frozen = torch.jit.freeze(torch.jit.script(module))
+    assert channels_last_convolutions(frozen, torch.bfloat16) == 4
+    assert _nodes(frozen, "aten::to") == 4 and _nodes(frozen, _PACKED) == 3
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = module(x)
+        got = frozen(x)
+        exact = module(x)
+    assert want.dtype == got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.allclose(want.float(), got.float(), atol=1e-2, rtol=1e-2)
+    assert not torch.equal(got.float(), exact)  # it did run in bfloat16
+    with pytest.raises(ValueError, match="float32 or bfloat16, not torch.float16"):
+        channels_last_convolutions(frozen, torch.float16)
+
+
 class _NotFrozen(nn.Module):
     """Convolutions it must leave: a weight given at run time, padding given as a word."""
 

@@ -387,6 +387,56 @@ def test_bfloat16_is_an_opt_in_that_agrees_with_float(native_bf16, lucchi_image)
     assert m.n_gt > 10 and m.fg_iou >= 0.98 and m.f1 >= 0.95, m
 
 
+def _graph_nodes(module, kind: str) -> int:
+    return len(module.graph.findAllNodes(kind, True))
+
+
+@pytest.mark.skipif(not (loading.channels_last_pays() and loading._native_bfloat16()),
+                    reason="needs a CPU with AVX-512 and native bfloat16")
+def test_bfloat16_model_has_bfloat16_channels_last_convolutions(monkeypatch):
+    """On CPUs with AVX-512 and native bfloat16 the bfloat16 model's convolutions are
+    oneDNN channels-last ones with bfloat16 weights (its point head's wide layers float32
+    oneDNN ones), and it computes nearly what autocast does over the frozen file's
+    convolutions."""
+    loading.clear_model_cache()
+    bf16 = loading.load_model("panoptem_mito_small", precision="bfloat16").module
+    assert _graph_nodes(bf16.module, "mkldnn::_convolution_pointwise") > 40
+    assert _graph_nodes(bf16.module, "aten::conv2d") == 0
+    assert _graph_nodes(bf16.module, "aten::to") > 40  # each convolution's input in bfloat16
+    monkeypatch.setattr(loading, "_channels_last_reduced", lambda *args: None)
+    loading.clear_model_cache()
+    try:
+        plain = loading.load_model("panoptem_mito_small", precision="bfloat16").module
+    finally:
+        loading.clear_model_cache()
+    assert _graph_nodes(plain.module, "aten::conv2d") > 40
+    x = _em_input()
+    with torch.inference_mode():
+        want, got = plain(x, 2, False), bf16(x, 2, False)
+    for key in ("sem_logits", "ctr_hmp", "offsets"):
+        assert got[key].dtype == torch.float32
+        assert torch.allclose(want[key], got[key], atol=0.05, rtol=0.05), key
+    assert ((want["sem_logits"] > 0) == (got["sem_logits"] > 0)).float().mean() > 0.999
+
+
+def test_bfloat16_model_without_channels_last_convolutions_where_they_fail(native_bf16, monkeypatch):
+    def fails(frozen, dtype=None):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(loading, "channels_last_pays", lambda: True)
+    monkeypatch.setattr(loading, "channels_last_convolutions", fails)
+    loading.clear_model_cache()
+    try:
+        loaded = loading.load_model("panoptem_mito_small", precision="bfloat16")
+    finally:
+        loading.clear_model_cache()
+    assert loaded.precision == "bfloat16" and isinstance(loaded.module, loading.ReducedPrecision)
+    assert _graph_nodes(loaded.module.module, "aten::conv2d") > 40  # frozen, convolutions as they were
+    with torch.inference_mode():
+        out = loaded.module(_em_input(), 2, False)
+    assert all(bool(torch.isfinite(out[k]).all()) for k in ("sem_logits", "ctr_hmp", "offsets"))
+
+
 def test_bfloat16_refusals(tiny_pth, monkeypatch):
     config = make_config(model=str(tiny_pth))
     with pytest.raises(PanoptemError, match="Unknown precision 'float16'.*float32, bfloat16"):

@@ -263,17 +263,52 @@ def _wide_point_kernels(module, *args) -> tuple[torch.Tensor, dict[str, int]]:
     return out, counts
 
 
-def test_only_cpu_float_preparation_converts_point_convolutions(monkeypatch):
-    """Not the bfloat16 model: oneDNN's kernel, called directly, takes float32 only (the
-    bundled model's 64-channel head itself stays in torch's kernel)."""
+def test_point_convolutions_converted_for_cpu_float_models_and_channels_last_bfloat16(monkeypatch):
+    """The CPU float model's point convolutions become oneDNN ones; the bfloat16 model's too,
+    with float32 inputs, where its convolutions become channels-last oneDNN ones (AVX-512 and
+    native bfloat16), and not elsewhere: oneDNN's kernel, called directly, takes float32 only
+    (the bundled model's 64-channel head itself stays in torch's kernel)."""
     calls = []
-    monkeypatch.setattr(loading, "onednn_point_convolutions", lambda frozen: calls.append(frozen) or 0)
+    monkeypatch.setattr(loading, "onednn_point_convolutions",
+                        lambda frozen, float_inputs=False: calls.append(float_inputs) or 0)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    loading.clear_model_cache()
-    loading.load_model("panoptem_mito_small", precision="bfloat16")
-    assert calls == []
+    for pays, expected in ((False, []), (True, [True])):
+        monkeypatch.setattr(loading, "channels_last_pays", lambda pays=pays: pays)
+        calls.clear()
+        loading.clear_model_cache()
+        loading.load_model("panoptem_mito_small", precision="bfloat16")
+        assert calls == expected
+    calls.clear()
     fast = loading.load_model("panoptem_mito_small")
-    assert fast.optimized and len(calls) == 1
+    assert fast.optimized and calls[-1] is False
+
+
+class _WideLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Conv1d(128, 128, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_point_convolutions_with_float_inputs_take_bfloat16_points():
+    """Under bfloat16 autocast a converted layer may meet bfloat16 points: with
+    ``float_inputs`` it casts them to float32 and computes in float32 (without, oneDNN
+    computes in bfloat16 and returns bfloat16)."""
+    layer = _WideLayer().eval()
+    x = torch.randn(1, 128, 300)
+    plain = torch.jit.freeze(torch.jit.script(layer))
+    assert onednn_point_convolutions(plain) == 1
+    floats = torch.jit.freeze(torch.jit.script(layer))
+    assert onednn_point_convolutions(floats, float_inputs=True) == 1
+    with torch.inference_mode():
+        want = layer(x.bfloat16().float())
+        got = floats(x.bfloat16())
+        assert plain(x.bfloat16()).dtype == torch.bfloat16
+        assert torch.equal(floats(x), plain(x))  # float32 points: as without the cast
+    assert got.dtype == torch.float32 and torch.allclose(want, got, atol=1e-5)
 
 
 class _MixedScatter(nn.Module):

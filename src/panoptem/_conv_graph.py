@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from panoptem._jit_graph import constant, walk
+from panoptem._jit_graph import cast, constant, walk
 
 __all__ = ["channels_last_convolutions", "channels_last_pays"]
 
@@ -69,7 +69,8 @@ def _frozen_conv2d(node: Any) -> tuple | None:
 
 def _weight_value(graph: Any, conv: Any, weight: Any, padding, stride, dilation, groups) -> Any:
     """The graph value the converted convolution reads its weight from: a packed oneDNN
-    constant for kernels larger than 1 x 1, else the frozen weight ``conv`` reads."""
+    constant for kernels larger than 1 x 1, else the frozen weight ``conv`` reads (a new
+    constant where ``weight``, cast to another dtype or not contiguous, is not that one)."""
     import torch
 
     if weight.shape[2] * weight.shape[3] > 1:
@@ -85,15 +86,27 @@ def _weight_value(graph: Any, conv: Any, weight: Any, padding, stride, dilation,
             node.t_("value", packed)
             node.output().setType(torch._C.TensorType.get())
             return graph.insertNode(node).output()
-    return conv.inputsAt(1) if weight.is_contiguous() else graph.insertConstant(weight.contiguous())
+    if weight.dtype == torch.float32 and weight.is_contiguous():  # the frozen weight itself
+        return conv.inputsAt(1)
+    return graph.insertConstant(weight.contiguous())
 
 
-def channels_last_convolutions(frozen: Any) -> int:
+def channels_last_convolutions(frozen: Any, dtype: Any = None) -> int:
     """Make the convolutions of ``frozen`` (a module from ``torch.jit.freeze``, float32, on
     the CPU) oneDNN channels-last ones, in place; return how many. A ReLU that is a
     convolution's only use is fused into it. A convolution whose weight or arguments are
-    not frozen constants stays as it is."""
+    not frozen constants stays as it is.
+
+    With ``dtype`` ``torch.bfloat16`` the convolutions run in bfloat16: their weights and
+    biases are stored in it, their inputs cast to it and their outputs are bfloat16, which
+    is what ``torch.autocast`` (CPU, bfloat16) does to the file's convolutions on every call,
+    the weights' casts and re-orders included (for the model run under autocast).
+    """
     import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"channels-last convolutions run in float32 or bfloat16, not {dtype}")
 
     if not (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
@@ -109,9 +122,14 @@ def channels_last_convolutions(frozen: Any) -> int:
         relu = uses[0].user if len(uses) == 1 and uses[0].user.kind() in _RELU else None
         scalars = graph.create("prim::ListConstruct", 1)
         scalars.output().setType(scalars_type)
-        args = [node.inputsAt(0),
-                _weight_value(graph, node, weight, padding, stride, dilation, groups),
-                node.inputsAt(2), graph.insertConstant(padding), graph.insertConstant(stride),
+        x, bias = node.inputsAt(0), node.inputsAt(2)
+        if dtype != torch.float32:
+            weight, x = weight.to(dtype), cast(graph, x, dtype)
+            frozen_bias = constant(bias)
+            if isinstance(frozen_bias, torch.Tensor):
+                bias = graph.insertConstant(frozen_bias.to(dtype))
+        args = [x, _weight_value(graph, node, weight, padding, stride, dilation, groups),
+                bias, graph.insertConstant(padding), graph.insertConstant(stride),
                 graph.insertConstant(dilation), graph.insertConstant(groups),
                 graph.insertConstant("relu" if relu is not None else "none"),
                 graph.insertNode(scalars).output(), graph.insertConstant(None)]
