@@ -97,10 +97,9 @@ def channels_last_convolutions(frozen: Any, dtype: Any = None) -> int:
     convolution's only use is fused into it. A convolution whose weight or arguments are
     not frozen constants stays as it is.
 
-    With ``dtype`` ``torch.bfloat16`` the convolutions run in bfloat16: their weights and
-    biases are stored in it, their inputs cast to it and their outputs are bfloat16, which
-    is what ``torch.autocast`` (CPU, bfloat16) does to the file's convolutions on every call,
-    the weights' casts and re-orders included (for the model run under autocast).
+    With ``dtype`` ``torch.bfloat16`` the convolutions run in bfloat16, as under
+    ``torch.autocast`` (CPU, bfloat16): their inputs are cast to it in the graph, and their
+    weights and biases are stored in it, packed once instead of re-ordered on every call.
     """
     import torch
 
