@@ -137,10 +137,10 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
     plain = st.segment_stack
     st.segment_stack = functools.partial(plain, overlap=overlap, post=post)
     e2d = engine3d.engine2d
-    if outputs == "cpu":
-        e2d.outputs_batch = outputs_on_cpu(type(e2d).outputs_batch.__get__(e2d))
+    if outputs == "cpu":  # wrapped in an attribute of the engine, removed again below
+        e2d.outputs_batch = outputs_on_cpu(e2d.outputs_batch)
     elif outputs == "stream":
-        e2d.outputs_batch = outputs_on_own_stream(type(e2d).outputs_batch.__get__(e2d), e2d.device)
+        e2d.outputs_batch = outputs_on_own_stream(e2d.outputs_batch, e2d.device)
     try:
         _sync()
         t0 = time.perf_counter()
@@ -149,7 +149,7 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
         return res, time.perf_counter() - t0
     finally:
         st.segment_stack = plain
-        e2d.__dict__.pop("outputs_batch", None)
+        vars(e2d).pop("outputs_batch", None)  # the class's method again
 
 
 #: The ways a case runs: forward passes overlapped with several slices post-processed at
