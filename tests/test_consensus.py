@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from panoptem.errors import Cancelled, PanoptemError
+from panoptem.inference import consensus
 from panoptem.inference._consensus_graph import build_clusters, greedy_merge
 from panoptem.inference.consensus import ortho_plane_consensus, semantic_consensus
 from panoptem.progress import CallbackProgress
@@ -151,6 +153,69 @@ def test_original_reference_scenario():
         ortho_plane_consensus(views, vote_thr=1, permit_one_stack=True),
         labels((1, a, ball), (1, b, ball), (2, c, ball)),
     )
+
+
+# -- 3D inference's size and extent filters, applied on the way --------------------------------
+
+
+def filtered(labels: np.ndarray, min_size: int, min_extent: int) -> np.ndarray:
+    """The filters of 3D inference computed straight from a labelled volume: objects with
+    fewer voxels or a thinner box go; the rest are numbered by first slice, then label."""
+    boxes = ndimage.find_objects(labels)
+    keep = []
+    for i in np.unique(labels[labels > 0]).tolist():
+        extent = min(s.stop - s.start for s in boxes[i - 1])
+        if (labels == i).sum() >= min_size and extent >= min_extent:
+            keep.append((boxes[i - 1][0].start, i))
+    out = np.zeros_like(labels)
+    for k, (_, i) in enumerate(sorted(keep), 1):
+        out[labels == i] = k
+    return out
+
+
+def filter_scene() -> list[np.ndarray]:
+    vol = np.zeros(SHAPE, dtype=np.int32)
+    vol[20:40, 2:20, 2:20] = 1  # consensus number 1, but it starts on slice 20
+    vol[2:12, 25:45, 25:45] = 2  # starts on slice 2: first after the filters
+    vol[44:45, 2:40, 2:40] = 3  # 1444 voxels, one slice thin
+    vol[30:33, 30:33, 30:33] = 4  # 27 voxels
+    return [vol, vol * 10, vol + (vol > 0) * 5]  # each view labels them its own way
+
+
+def test_filters_drop_small_and_thin_objects_and_number_by_first_slice():
+    views = filter_scene()
+    plain = ortho_plane_consensus(views)
+    assert np.unique(plain).tolist() == [0, 1, 2, 3, 4] and (plain[20:40, 2:20, 2:20] == 1).all()
+    result = ortho_plane_consensus(views, min_size=50, min_extent=3)
+    want = np.zeros(SHAPE, dtype=np.int32)
+    want[2:12, 25:45, 25:45] = 1
+    want[20:40, 2:20, 2:20] = 2
+    np.testing.assert_array_equal(result, want)
+    # with nothing to drop the objects are still renumbered by first slice
+    np.testing.assert_array_equal(ortho_plane_consensus(views, min_size=0, min_extent=0),
+                                  filtered(plain, 0, 0))
+
+
+@pytest.mark.parametrize("min_size, min_extent", [(0, 0), (1000, 0), (0, 15), (400, 12)])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_filters_equal_filtering_the_consensus_afterwards(monkeypatch, min_size, min_extent, blocks):
+    views = views_of(((0, 1, 2), (0, 2), (0, 1, 2)))
+    views[1][masks(0)[1] & (GRID[2] < 12)] = 50  # a split
+    views[0][40:44, 2:6, 2:40] = 7  # a thin object the other views lack
+    views[2][40:44, 2:6, 2:40] = 8
+    want = filtered(ortho_plane_consensus(views), min_size, min_extent)
+    if blocks:  # several blocks per slab, in two threads
+        monkeypatch.setattr(consensus, "_BLOCK_VOXELS", SHAPE[1] * SHAPE[2] * 5)
+        monkeypatch.setattr(consensus, "_THREADS", 2)
+    got = ortho_plane_consensus(views, min_size=min_size, min_extent=min_extent, chunk_depth=20)
+    np.testing.assert_array_equal(got, want)
+    assert got.max() > 0
+
+
+@pytest.mark.parametrize("bad", [{"min_size": -1}, {"min_extent": 2.5}, {"min_size": True}])
+def test_bad_filter_values_are_refused(bad):
+    with pytest.raises(PanoptemError, match="whole number"):
+        ortho_plane_consensus(views_of(), **bad)
 
 
 # -- the second-order link the original lost -----------------------------------------------

@@ -10,7 +10,7 @@ from panoptem.errors import PanoptemError
 from panoptem.inference.matching import match_slice
 from panoptem.inference.postprocess import label_codes, relabel_connected
 from panoptem.inference.stack import median_filtered, segment_stack
-from panoptem.inference.volume import filter_objects, morphology
+from panoptem.inference.volume import morphology
 
 
 def disc(shape, cy, cx, r):
@@ -71,15 +71,6 @@ def test_new_object_gets_fresh_id_and_split_merges_by_ioa():
     # backward pass: no new ids, unmatched objects keep theirs
     out2, nxt2 = match_slice(a, b, next_label=10, assign_new=False)
     assert set(np.unique(out2[b == 3])) == {3} and nxt2 == 10
-
-
-def test_filter_objects_by_size_and_extent():
-    vol = np.zeros((10, 30, 30), np.int32)
-    vol[2:8, 2:10, 2:10] = 7  # 384 voxels, extents 6, 8, 8
-    vol[1:2, 15:29, 15:29] = 3  # a pancake, 1 slice thick
-    vol[5:7, 20:22, 2:4] = 9  # 8 voxels
-    filter_objects(vol, min_size=20, min_extent=3, slab=4)
-    assert set(np.unique(vol)) == {0, 1} and (vol[2:8, 2:10, 2:10] == 1).all()
 
 
 def test_morphology_erodes_apart_and_fills():

@@ -362,8 +362,8 @@ class Engine3D:
             views.append(v)
         arr = out.create(self.class_names.get(c, str(c)), shape, np.int32)
         ortho_plane_consensus(views, vote_thr=p3.vote_thr, permit_one_stack=p3.permit_one_stack,
-                              out=arr, chunk_depth=chunks[0], progress=prog)
-        filter_objects(arr, p3.min_size, p3.min_extent, chunks[0])
+                              out=arr, chunk_depth=chunks[0], progress=prog, min_size=p3.min_size,
+                              min_extent=p3.min_extent)
         return arr
 
     def _stuff(self, stacks, c, p3, out, chunks, shape, prog):
@@ -410,20 +410,3 @@ def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: 
         out = fill_holes_2d(out)
     return cc3d.connected_components(out, connectivity=26, out_dtype=np.uint32).astype(np.int32)
 
-
-def filter_objects(labels, min_size: int, min_extent: int, slab: int = 64) -> None:
-    """Remove objects under ``min_size`` voxels or thinner than ``min_extent`` along any
-    axis, renumbering the rest 1..N in order of first appearance; in place, slab by slab."""
-    stats: dict = {}
-    n = labels.shape[0]
-    for z0 in range(0, n, slab):
-        block = np.asarray(labels[z0:z0 + slab])
-        for dz in range(block.shape[0]):
-            st._update_stats(stats, z0 + dz, block[dz])
-    keep = [i for i, (cnt, s0, s1, r0, r1, c0, c1) in stats.items()
-            if cnt >= min_size and min(s1 - s0, r1 - r0, c1 - c0) + 1 >= min_extent]
-    keys = np.array(sorted(keep), dtype=np.int64)
-    order = {i: k for k, i in enumerate(keep, 1)}
-    id_map = _IdMap(keys, np.array([order[i] for i in keys.tolist()], dtype=np.int32))
-    for z0 in range(0, n, slab):
-        labels[z0:z0 + slab] = id_map(np.asarray(labels[z0:z0 + slab]))
