@@ -3,7 +3,8 @@
 For each case (a model and a volume) it runs stack and ortho-plane inference
 (``Engine3D.segment``) in the ways of :data:`VARIANTS`: ``on``, the default on a GPU (the
 forward passes run ahead in a thread of their own, several slices are post-processed at
-once: ``segment_stack(overlap=True)``, ``post`` from ``post_workers``); ``post1``, the same
+once, an ortho-plane run starts each stack once the forward passes of the one before are
+done: ``Engine3D.segment(overlap=True)``, ``post`` from ``post_workers``); ``post1``, the same
 with one slice post-processed at a time; ``off``, everything in one thread; and two
 candidates for the default, both as ``on`` otherwise: ``cpu``, the forward thread copies
 each slice's outputs to the CPU, so that the post-processing never queues work behind the
@@ -127,7 +128,7 @@ def outputs_on_own_stream(plain, device):
 
 def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = None,
             max_objects: int = 10000, outputs: str | None = None):
-    """``Engine3D.segment`` with the stack loop's ``overlap`` and ``post`` (slices
+    """``Engine3D.segment`` with ``overlap`` and the stack loop's ``post`` (slices
     post-processed at once) forced; ``post`` None keeps the default. ``outputs``: None, or
     "cpu" or "stream" for the model outputs of :func:`outputs_on_cpu` or
     :func:`outputs_on_own_stream`."""
@@ -135,7 +136,7 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
     from panoptem.inference.volume import Params3D
 
     plain = st.segment_stack
-    st.segment_stack = functools.partial(plain, overlap=overlap, post=post)
+    st.segment_stack = functools.partial(plain, post=post)
     e2d = engine3d.engine2d
     if outputs == "cpu":  # wrapped in an attribute of the engine, removed again below
         e2d.outputs_batch = outputs_on_cpu(e2d.outputs_batch)
@@ -144,7 +145,8 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
     try:
         _sync()
         t0 = time.perf_counter()
-        res = engine3d.segment(volume, params3d=Params3D(ortho_plane=ortho, max_objects=max_objects))
+        res = engine3d.segment(volume, params3d=Params3D(ortho_plane=ortho, max_objects=max_objects),
+                               overlap=overlap)
         _sync()
         return res, time.perf_counter() - t0
     finally:

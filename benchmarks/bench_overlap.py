@@ -5,8 +5,9 @@ On a GPU the forward passes run ahead in a thread of their own and everything el
 in for a GPU on a machine without one: it computes the bundled model's outputs for every
 slice first (on the real 64 x 256 x 256 Lucchi++ crop, or the crop tiled 4 x 4 in-plane to
 64 x 1024 x 1024 with ``--tile 4``), then runs ``Engine3D.segment`` on them through
-``outputs_for`` with the stack loop set as on a GPU (``overlap=True``: the outputs arrive in
-a thread of their own; ``post`` slices post-processed at once). Each slice's outputs arrive
+``outputs_for`` set as on a GPU (``overlap=True``: the outputs arrive in a thread of their
+own, and an ortho-plane run starts each stack once the outputs of the one before are in;
+``post`` slices post-processed at once). Each slice's outputs arrive
 after ``--forward-ms`` of sleep in that thread, as a GPU's forward pass leaves the CPU free
 while its thread waits to synchronise. Everything else runs for real (the post-processing's
 torch operations on the CPU, where a GPU would run them: so this errs on the slow side).
@@ -64,10 +65,10 @@ def run(engine, volume, outs, ortho: bool, forward_ms: float, post: int, overlap
     from panoptem.inference.volume import Params3D
 
     plain = st.segment_stack
-    st.segment_stack = functools.partial(plain, overlap=overlap, post=post)
+    st.segment_stack = functools.partial(plain, post=post)
     try:
         t0 = time.perf_counter()
-        res = engine.segment(volume, params3d=Params3D(ortho_plane=ortho),
+        res = engine.segment(volume, params3d=Params3D(ortho_plane=ortho), overlap=overlap,
                              outputs_for=lambda ax: delayed(iter(outs[ax]), forward_ms / 1000))
         return res.classes["mito"], time.perf_counter() - t0
     finally:

@@ -10,11 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from panoptem.errors import Cancelled
+from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.inference.pipeline import ahead, ordered_map
 from panoptem.inference.stack import segment_stack
-from panoptem.progress import Progress
+from panoptem.inference.volume import Engine3D, Params3D
+from panoptem.progress import CallbackProgress, Progress
+
+P2 = Params2D(confidence_thr=0.5)
 
 
 def _ahead_threads() -> list[threading.Thread]:
@@ -414,3 +417,111 @@ def test_gpus_post_process_several_slices_at_once(small_config, monkeypatch):
     for cores, count in [(5, 3), (3, 1), (2, 1), (None, 1)]:
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert post_workers(engine) == count
+
+
+# -- ortho-plane: the next stack's forward passes begin while the stack before finishes --------
+
+
+class StackWatched(Engine2D):
+    """A real engine that notes which stack's forward passes ran where and holds the last
+    slice of the xy stack until a forward pass of the xz stack has begun (20 s at most);
+    slices are told apart by shape. ``fail`` names a stack whose post-processing raises:
+    "xy" at its last slice (after the wait), "xz" at its first."""
+
+    def __init__(self, *args, shapes: dict, fail: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.axis_of = {shape: ax for ax, shape in shapes.items()}
+        self.n_xy = shapes["n_xy"]
+        self.fail = fail
+        self.xz_began = threading.Event()
+        self.forward_threads: set[str] = set()
+        self.xy_done = 0
+        self.met: bool | None = None
+
+    def heads_batch(self, images, *args):
+        name = threading.current_thread().name
+        self.forward_threads.add(name)
+        if name == "panoptem-model-xz":
+            self.xz_began.set()
+        return super().heads_batch(images, *args)
+
+    def panoptic_codes(self, probs, ctr, off, p, shape):
+        axis = self.axis_of[tuple(shape)]
+        if axis == "xy":
+            self.xy_done += 1
+            if self.xy_done == self.n_xy:  # the stack xz, run after this one, never begins
+                self.met = self.xz_began.wait(20)
+                if self.fail == "xy":
+                    raise PanoptemError("the xy stack failed on its last slice")
+        if axis == "xz" and self.fail == "xz":
+            raise PanoptemError("the xz stack failed on its first slice")
+        return super().panoptic_codes(probs, ctr, off, p, shape)
+
+
+def _ortho_case(small_config, em_volume, **kwargs):
+    vol = np.ascontiguousarray(em_volume[:6, :40, :48])  # xy 40 x 48, xz 6 x 48, yz 6 x 40
+    shapes = {"xy": (40, 48), "xz": (6, 48), "yz": (6, 40), "n_xy": 6}
+    return vol, StackWatched(small_config, shapes=shapes, **kwargs)
+
+
+def test_next_stack_begins_while_the_stack_before_finishes(small_config, em_volume):
+    vol, engine = _ortho_case(small_config, em_volume)
+    p3 = Params3D(ortho_plane=True, min_size=0, min_extent=0, return_stacks=True)
+    stages = []
+    res = Engine3D(engine).segment(vol, P2, p3, overlap=True,
+                                   progress=CallbackProgress(lambda s, d, t: stages.append(s)))
+    assert engine.met is True
+    assert engine.forward_threads == {"panoptem-model-xy", "panoptem-model-xz", "panoptem-model-yz"}
+    # the progress follows the stack whose forward passes run; the last one to its end
+    names = list(dict.fromkeys(stages))
+    assert names[:3] == ["stack xy", "stack xz", "stack yz"] and "matching xy" not in names
+    assert names[3:5] == ["matching yz", "writing"] and names[-1] == "consensus: voting"
+    # the same result as one stack after the other
+    ref = Engine3D(small_config).segment(vol, P2, p3, overlap=False)
+    np.testing.assert_array_equal(res.classes["mito"], ref.classes["mito"])
+    for ax in ("xy", "xz", "yz"):
+        np.testing.assert_array_equal(res.stacks[ax], ref.stacks[ax])
+    assert res.classes["mito"].max() > 0
+    assert not _ahead_threads()
+
+
+@pytest.mark.parametrize("fail", ["xy", "xz"])
+def test_a_failing_stack_stops_the_others_and_its_error_is_raised(small_config, em_volume, fail):
+    vol, engine = _ortho_case(small_config, em_volume, fail=fail)
+    with pytest.raises(PanoptemError, match=f"the {fail} stack failed"):
+        Engine3D(engine).segment(vol, P2, Params3D(ortho_plane=True), overlap=True)
+    assert not _ahead_threads()
+    assert "panoptem-model-yz" not in engine.forward_threads  # never begun
+
+
+def test_cancel_while_stacks_overlap_stops_them_all(small_config, em_volume, tmp_path):
+    vol, engine = _ortho_case(small_config, em_volume)
+
+    class CancelInXz(Progress):
+        def on_advance(self, done, total):
+            if self.stage_name == "stack xz" and done == 2:
+                self.cancel()
+
+    path = tmp_path / "cancelled.zarr"
+    with pytest.raises(Cancelled):
+        Engine3D(engine).segment(vol, P2, Params3D(ortho_plane=True), overlap=True,
+                                 zarr_path=path, progress=CancelInXz())
+    assert not _ahead_threads()
+    assert not [p.name for p in path.iterdir() if p.is_dir()]  # no array left complete
+
+
+@pytest.mark.parametrize("ortho", [False, True])
+def test_3d_inference_on_a_cpu_runs_small_slices_two_at_a_time(small_config, em_volume, ortho,
+                                                               two_threads):
+    """The 3D runs leave the stacks' CPU defaults alone: slices two at a time, one stack
+    after the other."""
+    vol = np.ascontiguousarray(em_volume[:6, :40, :48])
+    paired = Paired(small_config)
+    res = Engine3D(paired).segment(vol, P2, Params3D(ortho_plane=ortho, min_size=0))
+    axes = ["xy", "xz", "yz"] if ortho else ["xy"]  # the first two passes met (the barrier)
+    assert paired.threads == {f"panoptem-model-{ax}_{k}" for ax in axes for k in (0, 1)}
+    ref = Engine3D(small_config).segment(vol, P2, Params3D(ortho_plane=ortho, min_size=0),
+                                         overlap=False)
+    np.testing.assert_array_equal(res.classes["mito"], ref.classes["mito"])
+    assert res.classes["mito"].max() > 0
+    assert not _ahead_threads()

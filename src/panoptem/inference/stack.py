@@ -409,11 +409,17 @@ def _chunks(items: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
+def _then(items: Iterator, done) -> Iterator:
+    """``items``, then a call to ``done()`` once they are exhausted."""
+    yield from items
+    done()
+
+
 def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int = 3,
                   value_range=None, store=None, outputs: Iterator | None = None,
                   progress: Progress | None = None, overlap: bool | None = None,
                   workers: int | None = None, batch: int | None = None,
-                  post: int | None = None) -> StackResult:
+                  post: int | None = None, outputs_done=None) -> StackResult:
     """Infer, median-filter, post-process and match every slice along ``axis``.
 
     Parameters
@@ -451,6 +457,11 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         Post-process this many consecutive slices at once, in threads of their own (the
         matching stays in order, in this thread). Default :func:`post_workers`: several on
         a GPU, 1 on a CPU. The result is the same whatever the count.
+    outputs_done : callable(), optional
+        Called once the model outputs of the last slice are computed, in the thread that
+        computes them, while the last slices may still be post-processed and matched:
+        the device is free for other work from then on (an ortho-plane run starts its
+        next stack).
 
     Returns
     -------
@@ -504,6 +515,8 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     if overlap is None:
         overlap = engine.device.type != "cpu"
     source = outputs if outputs is not None else model_outputs()
+    if outputs_done is not None:
+        source = _then(source, outputs_done)
     # with overlap, the forward passes run ahead while the loop below post-processes
     source = ahead(source, name=f"panoptem-model-{axis}") if overlap and workers == 1 else iter(source)
     if workers > 1:

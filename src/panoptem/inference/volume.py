@@ -13,12 +13,14 @@ then the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from panoptem._params import param
-from panoptem.errors import PanoptemError
+from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
 from panoptem.inference.pipeline import ordered_map
@@ -248,7 +250,8 @@ class Engine3D:
     def segment(self, volume, params2d: Params2D | None = None, params3d: Params3D | None = None,
                 *, zarr_path=None, store_info: StoreInfo | None = None,
                 progress: Progress | None = None, outputs_for=None,
-                output: VolumeOutput | None = None, value_range=None) -> Result3D:
+                output: VolumeOutput | None = None, value_range=None,
+                overlap: bool | None = None) -> Result3D:
         """Segment a (Z, Y, X) volume (numpy, zarr or dask; read slice by slice).
 
         Parameters
@@ -275,6 +278,13 @@ class Engine3D:
         value_range : (low, high), optional
             The intensities mapped to 0..255 for a non-uint8 volume; default: the volume's own
             range. A block of a larger volume gets the whole volume's range.
+        overlap : bool, optional
+            Keep the device busy: each stack's forward passes run ahead of its
+            post-processing (:func:`~.stack.segment_stack`), and in ortho-plane mode the
+            next stack starts as soon as the forward passes of the one before are done,
+            while that one is still post-processed, matched and written. The progress
+            then follows the stack whose forward passes run. Default: on a GPU; off on a
+            CPU, where the forward passes already take every core. The result is the same.
 
         Returns
         -------
@@ -305,28 +315,53 @@ class Engine3D:
         try:
             vr = value_range if value_range is not None else st.volume_intensity_range(volume)
             axes = ["xy", "xz", "yz"] if p3.ortho_plane else [p3.plane]
-            stacks = {}
-            for ax in axes:
+            # every array the stacks write is made here, in this thread
+            panoptic = {ax: out.create(f"panoptic_{ax}", shape, np.int32)
+                        for ax in axes if p3.return_stacks}
+            inputs = {c: [out.create(f".view_{ax}_{c}", shape, np.int32) if c in things
+                          else out.create(f".stuff_{ax}_{c}", shape, np.uint8) for ax in axes]
+                      for c in self.labels if p3.ortho_plane}
+
+            def finish(res: st.StackResult, progress: Progress):
+                """Write what is needed of a finished stack; keep it only for stack mode."""
+                if p3.return_stacks:
+                    self._write_stack(res, things, p3, panoptic[res.axis], chunks, progress)
+                if not p3.ortho_plane:
+                    return res
+                for c, arrays in inputs.items():
+                    self._write_class(res, c, c in things, p3, arrays[axes.index(res.axis)],
+                                      chunks, progress)
+                return None  # its store is no longer needed
+
+            def make_store(ax):
                 a = st.AXES[ax]
                 sshape = (shape[a], *st.slice_shape(shape, a))
-                store = out.create(f".stack_{ax}", sshape, np.int32, (1, *out.chunks_for(sshape)[1:]))
-                stacks[ax] = st.segment_stack(
-                    self.engine2d, volume, p2, axis=ax, median_size=p3.median_size, value_range=vr,
-                    store=store, outputs=outputs_for(ax) if outputs_for else None, progress=prog)
-            if p3.return_stacks:
-                for res in stacks.values():
-                    self._write_stack(res, things, p3, out, chunks, shape, prog)
+                return out.create(f".stack_{ax}", sshape, np.int32, (1, *out.chunks_for(sshape)[1:]))
+
+            kept = self._run_stacks(volume, p2, p3, axes, vr, make_store, outputs_for, overlap,
+                                    finish, prog)
             for c in self.labels:
                 name = self.class_names.get(c, str(c))
-                if c in things:
-                    arr = (self._consensus_thing(stacks, c, p3, out, chunks, shape, prog) if p3.ortho_plane
-                           else self._stack_thing(stacks[axes[0]], c, p3, out, chunks, shape, prog))
-                    self._morphology(arr, p3)
+                arr = out.create(name, shape, np.int32 if c in things else np.uint8)
+                if not p3.ortho_plane:
+                    self._write_class(kept[axes[0]], c, c in things, p3, arr, chunks, prog)
+                elif c in things:
+                    from panoptem.inference.consensus import ortho_plane_consensus
+
+                    ortho_plane_consensus(inputs.pop(c), vote_thr=p3.vote_thr,
+                                          permit_one_stack=p3.permit_one_stack, out=arr,
+                                          chunk_depth=chunks[0], progress=prog,
+                                          min_size=p3.min_size, min_extent=p3.min_extent)
                 else:
-                    self._stuff(stacks, c, p3, out, chunks, shape, prog)
+                    from panoptem.inference.consensus import semantic_consensus
+
+                    semantic_consensus(inputs.pop(c), vote_thr=p3.vote_thr, out=arr,
+                                       chunk_depth=chunks[0], progress=prog)
+                if c in things:
+                    self._morphology(arr, p3)
                 result.classes[name] = out.commit(name)
             if p3.return_stacks:
-                result.stacks = {ax: out.commit(f"panoptic_{ax}") for ax in stacks}
+                result.stacks = {ax: out.commit(f"panoptic_{ax}") for ax in axes}
             out.write_info(store_info or out.default_info(self.engine2d.model_name),
                            model=self.engine2d.model_name, params2d=asdict(p2), params3d=asdict(p3))
         finally:
@@ -334,57 +369,76 @@ class Engine3D:
         return result
 
     # ------------------------------------------------------------------ pieces
-    def _write_stack(self, res: st.StackResult, things, p3, out, chunks, shape, prog):
+    def _run_stacks(self, volume, p2, p3, axes, vr, make_store, outputs_for, overlap, finish,
+                    prog) -> dict:
+        """Segment the stack of each axis and hand it to ``finish(result, progress)``;
+        returns what ``finish`` returned, per axis.
+
+        With overlap in ortho-plane mode each stack runs in a thread of its own, started
+        once the forward passes of the one before are done. The progress follows the
+        stack whose forward passes run (:class:`_StackProgress`); a stack that fails
+        stops the others, and its error is raised here once every stack has stopped.
+        """
+        def run(ax, store, progress, outputs_done=None):
+            res = st.segment_stack(
+                self.engine2d, volume, p2, axis=ax, median_size=p3.median_size, value_range=vr,
+                store=store, outputs=outputs_for(ax) if outputs_for else None, progress=progress,
+                overlap=overlap, outputs_done=outputs_done)
+            return finish(res, progress)
+
+        # segment_stack gets overlap as given: unset, a CPU runs small slices two at a time
+        stagger = overlap if overlap is not None else self.engine2d.device.type != "cpu"
+        if len(axes) == 1 or not stagger:
+            return {ax: run(ax, make_store(ax), prog) for ax in axes}
+
+        stop = threading.Event()  # set by the first stack that fails
+        errors: list[BaseException] = []
+
+        def run_stack(ax, store, progress, fed):
+            try:
+                return run(ax, store, progress, fed.set)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+                raise
+            finally:
+                fed.set()  # the next stack may start, or see the stop
+
+        futures = {}
+        with ThreadPoolExecutor(len(axes), thread_name_prefix="panoptem-stack") as pool:
+            relay = None
+            try:
+                for ax in axes:
+                    if stop.is_set():
+                        break
+                    if relay is not None:
+                        relay.detach()
+                    relay, fed = _StackProgress(prog, stop), threading.Event()
+                    futures[ax] = pool.submit(run_stack, ax, make_store(ax), relay, fed)
+                    fed.wait()
+            except BaseException:
+                stop.set()  # the running stacks stop at their next step
+                raise
+        if errors:
+            raise errors[0]
+        return {ax: f.result() for ax, f in futures.items()}
+
+    def _write_stack(self, res: st.StackResult, things, p3, arr, chunks, prog):
         keep = {i: i for c in things for i in res.kept_ids(c, p3.min_size, p3.min_extent)}
         keep.update({i: i for i in res.stats if i % res.label_divisor == 0})
         if p3.max_objects == 0:  # no class offset: the stack's objects numbered 1..N
             keep = {i: k for k, i in enumerate(sorted(keep), 1)}
-        arr = out.create(f"panoptic_{res.axis}", shape, np.int32)
         _write_remapped(res.store, st.AXES[res.axis], keep, arr, np.int32, chunks, prog)
-        return arr
 
-    def _stack_thing(self, res: st.StackResult, c, p3, out, chunks, shape, prog):
-        ids = res.kept_ids(c, p3.min_size, p3.min_extent)
-        arr = out.create(self.class_names.get(c, str(c)), shape, np.int32)
-        _write_remapped(res.store, st.AXES[res.axis], {i: k for k, i in enumerate(ids, 1)}, arr,
-                        np.int32, chunks, prog)
-        return arr
-
-    def _consensus_thing(self, stacks, c, p3, out, chunks, shape, prog):
-        from panoptem.inference.consensus import ortho_plane_consensus
-
-        views = []
-        for ax, res in stacks.items():
+    def _write_class(self, res: st.StackResult, c, thing: bool, p3, arr, chunks, prog):
+        """One class of a stack into ``arr`` (ZYX): a thing class's objects that pass the
+        filters numbered 1..N, a stuff class as a 0/1 mask."""
+        if thing:
             ids = res.kept_ids(c, p3.min_size, p3.min_extent)
-            v = out.create(f".view_{ax}_{c}", shape, np.int32)
-            _write_remapped(res.store, st.AXES[ax], {i: k for k, i in enumerate(ids, 1)}, v,
-                            np.int32, chunks, prog)
-            views.append(v)
-        arr = out.create(self.class_names.get(c, str(c)), shape, np.int32)
-        ortho_plane_consensus(views, vote_thr=p3.vote_thr, permit_one_stack=p3.permit_one_stack,
-                              out=arr, chunk_depth=chunks[0], progress=prog, min_size=p3.min_size,
-                              min_extent=p3.min_extent)
-        return arr
-
-    def _stuff(self, stacks, c, p3, out, chunks, shape, prog):
-        """A stuff class: its mask from one stack, or the voxel vote of three."""
-        name = self.class_names.get(c, str(c))
-        keep = {c * next(iter(stacks.values())).label_divisor: 1}
-        if len(stacks) == 1:
-            ((ax, res),) = stacks.items()
-            arr = out.create(name, shape, np.uint8)
-            _write_remapped(res.store, st.AXES[ax], keep, arr, np.uint8, chunks, prog)
-            return arr
-        from panoptem.inference.consensus import semantic_consensus
-
-        masks = []
-        for ax, res in stacks.items():
-            m = out.create(f".stuff_{ax}_{c}", shape, np.uint8)
-            _write_remapped(res.store, st.AXES[ax], keep, m, np.uint8, chunks, prog)
-            masks.append(m)
-        arr = out.create(name, shape, np.uint8)
-        semantic_consensus(masks, vote_thr=p3.vote_thr, out=arr, chunk_depth=chunks[0], progress=prog)
-        return arr
+            mapping, dtype = {i: k for k, i in enumerate(ids, 1)}, np.int32
+        else:
+            mapping, dtype = {c * res.label_divisor: 1}, np.uint8
+        _write_remapped(res.store, st.AXES[res.axis], mapping, arr, dtype, chunks, prog)
 
     def _morphology(self, arr, p3: Params3D) -> None:
         """Optional erosion, dilation and hole filling, in place (whole class volume in
@@ -392,6 +446,44 @@ class Engine3D:
         if not (p3.erode or p3.dilate or p3.fill_holes):
             return
         arr[:] = morphology(np.asarray(arr[:]), p3.erode, p3.dilate, p3.fill_holes)
+
+
+class _StackProgress(Progress):
+    """The progress of one stack among overlapping ones: passed on to the run's progress
+    until :meth:`detach` (the next stack has started), then only checked. It stops its
+    stack when the run is cancelled or another stack failed (``stop``)."""
+
+    def __init__(self, main: Progress, stop: threading.Event) -> None:
+        super().__init__()
+        self._main, self._stop = main, stop
+        self._lock = threading.Lock()
+        self._attached = True
+
+    def detach(self) -> None:
+        with self._lock:
+            self._attached = False
+
+    def stage(self, name: str, total: int) -> None:
+        with self._lock:
+            if self._attached:
+                self._main.stage(name, total)
+        self.check()
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            if self._attached:
+                self._main.advance(n)
+        self.check()
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            if self._attached:
+                self._main.note(text)
+
+    def check(self) -> None:
+        self._main.check()
+        if self._stop.is_set():
+            raise Cancelled("stopped: another stack of the ortho-plane run failed")
 
 
 def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: bool = False) -> np.ndarray:
