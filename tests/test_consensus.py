@@ -179,13 +179,15 @@ def filter_scene() -> list[np.ndarray]:
     vol[2:12, 25:45, 25:45] = 2  # starts on slice 2: first after the filters
     vol[44:45, 2:40, 2:40] = 3  # 1444 voxels, one slice thin
     vol[30:33, 30:33, 30:33] = 4  # 27 voxels
+    vol[2:7, 2:12, 2:3] = 5  # 50 voxels, 5 x 10 x 1
+    vol[14:16, 2:12, 40:43] = 6  # 60 voxels, 2 x 10 x 3
     return [vol, vol * 10, vol + (vol > 0) * 5]  # each view labels them its own way
 
 
 def test_filters_drop_small_and_thin_objects_and_number_by_first_slice():
     views = filter_scene()
     plain = ortho_plane_consensus(views)
-    assert np.unique(plain).tolist() == [0, 1, 2, 3, 4] and (plain[20:40, 2:20, 2:20] == 1).all()
+    assert np.unique(plain).tolist() == list(range(7)) and (plain[20:40, 2:20, 2:20] == 1).all()
     result = ortho_plane_consensus(views, min_size=50, min_extent=3)
     want = np.zeros(SHAPE, dtype=np.int32)
     want[2:12, 25:45, 25:45] = 1
@@ -194,6 +196,25 @@ def test_filters_drop_small_and_thin_objects_and_number_by_first_slice():
     # with nothing to drop the objects are still renumbered by first slice
     np.testing.assert_array_equal(ortho_plane_consensus(views, min_size=0, min_extent=0),
                                   filtered(plain, 0, 0))
+
+
+@pytest.mark.parametrize("min_size, min_extent, kept", [
+    (50, 1, {5, 6}), (51, 1, {6}), (60, 1, {6}), (61, 1, set()),  # 50 and 60 voxels
+    (0, 2, {6}), (0, 3, set()),  # extents 1 and 2 along x, 2 along z
+])
+def test_filters_keep_objects_at_the_limits(min_size, min_extent, kept):
+    keep = ([5, 6], [50, 60], [10, 11])  # objects 5 and 6 as each view labels them
+    small = [np.where(np.isin(v, k), v, 0) for v, k in zip(filter_scene(), keep, strict=True)]
+    result = ortho_plane_consensus(small, min_size=min_size, min_extent=min_extent)
+    found = {5 if result[2:7, 2:12, 2:3].all() else 0, 6 if result[14:16, 2:12, 40:43].all() else 0}
+    assert found - {0} == kept and np.count_nonzero(result) == sum({5: 50, 6: 60}[k] for k in kept)
+
+
+def test_filters_with_labels_too_large_to_pack():
+    views = [np.where(v > 0, v.astype(np.int64) + (1 << 40), 0) for v in filter_scene()]
+    want = ortho_plane_consensus(filter_scene(), min_size=50, min_extent=3)
+    np.testing.assert_array_equal(ortho_plane_consensus(views, min_size=50, min_extent=3), want)
+    assert want.max() == 2
 
 
 @pytest.mark.parametrize("min_size, min_extent", [(0, 0), (1000, 0), (0, 15), (400, 12)])

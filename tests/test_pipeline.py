@@ -424,44 +424,49 @@ def test_gpus_post_process_several_slices_at_once(small_config, monkeypatch):
 
 class StackWatched(Engine2D):
     """A real engine that notes which stack's forward passes ran where and holds the last
-    slice of the xy stack until a forward pass of the xz stack has begun (20 s at most);
-    slices are told apart by shape. ``fail`` names a stack whose post-processing raises:
-    "xy" at its last slice (after the wait), "xz" at its first."""
+    slice of the xy stack until a forward pass of the xz stack has begun, and the last of
+    the xz stack until one of the yz stack has (20 s at most each); slices are told apart
+    by shape. ``fail`` names a stack whose post-processing raises: "xy" at its last slice
+    (after the wait), "xz" at its first."""
 
-    def __init__(self, *args, shapes: dict, fail: str = "", **kwargs):
+    NEXT = {"xy": "xz", "xz": "yz"}
+
+    def __init__(self, *args, shapes: dict, slices: dict, fail: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.axis_of = {shape: ax for ax, shape in shapes.items()}
-        self.n_xy = shapes["n_xy"]
+        self.slices = slices  # per axis
         self.fail = fail
-        self.xz_began = threading.Event()
+        self.began = {ax: threading.Event() for ax in shapes}
         self.forward_threads: set[str] = set()
-        self.xy_done = 0
-        self.met: bool | None = None
+        self.done = dict.fromkeys(shapes, 0)
+        self.met: dict[str, bool] = {}
 
     def heads_batch(self, images, *args):
         name = threading.current_thread().name
         self.forward_threads.add(name)
-        if name == "panoptem-model-xz":
-            self.xz_began.set()
+        for ax, began in self.began.items():
+            if name == f"panoptem-model-{ax}":
+                began.set()
         return super().heads_batch(images, *args)
 
     def panoptic_codes(self, probs, ctr, off, p, shape):
         axis = self.axis_of[tuple(shape)]
-        if axis == "xy":
-            self.xy_done += 1
-            if self.xy_done == self.n_xy:  # the stack xz, run after this one, never begins
-                self.met = self.xz_began.wait(20)
-                if self.fail == "xy":
-                    raise PanoptemError("the xy stack failed on its last slice")
+        self.done[axis] += 1
+        if axis in self.NEXT and self.done[axis] == self.slices[axis]:
+            # one stack after the other: the next stack never begins while this waits
+            self.met[axis] = self.began[self.NEXT[axis]].wait(20)
+            if self.fail == "xy" == axis:
+                raise PanoptemError("the xy stack failed on its last slice")
         if axis == "xz" and self.fail == "xz":
             raise PanoptemError("the xz stack failed on its first slice")
         return super().panoptic_codes(probs, ctr, off, p, shape)
 
 
-def _ortho_case(small_config, em_volume, **kwargs):
+def _ortho_case(small_config, em_volume, engine=None, **kwargs):
     vol = np.ascontiguousarray(em_volume[:6, :40, :48])  # xy 40 x 48, xz 6 x 48, yz 6 x 40
-    shapes = {"xy": (40, 48), "xz": (6, 48), "yz": (6, 40), "n_xy": 6}
-    return vol, StackWatched(small_config, shapes=shapes, **kwargs)
+    shapes = {"xy": (40, 48), "xz": (6, 48), "yz": (6, 40)}
+    slices = {"xy": 6, "xz": 40, "yz": 48}
+    return vol, (engine or StackWatched)(small_config, shapes=shapes, slices=slices, **kwargs)
 
 
 def test_next_stack_begins_while_the_stack_before_finishes(small_config, em_volume):
@@ -470,7 +475,7 @@ def test_next_stack_begins_while_the_stack_before_finishes(small_config, em_volu
     stages = []
     res = Engine3D(engine).segment(vol, P2, p3, overlap=True,
                                    progress=CallbackProgress(lambda s, d, t: stages.append(s)))
-    assert engine.met is True
+    assert engine.met == {"xy": True, "xz": True}
     assert engine.forward_threads == {"panoptem-model-xy", "panoptem-model-xz", "panoptem-model-yz"}
     # the progress follows the stack whose forward passes run; the last one to its end
     names = list(dict.fromkeys(stages))
@@ -525,3 +530,33 @@ def test_3d_inference_on_a_cpu_runs_small_slices_two_at_a_time(small_config, em_
     np.testing.assert_array_equal(res.classes["mito"], ref.classes["mito"])
     assert res.classes["mito"].max() > 0
     assert not _ahead_threads()
+
+
+def test_an_interrupt_while_the_last_stack_finishes_stops_it(small_config, em_volume, tmp_path,
+                                                             monkeypatch):
+    """Ctrl-C in the calling thread while it waits for the stacks: they stop at their next
+    step, and nothing is left running or written."""
+    from panoptem.inference import volume
+
+    interrupted = threading.Event()
+
+    def interrupt(futures):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(volume, "wait", interrupt)
+
+    class HoldLastYz(StackWatched):  # the yz stack's last slice waits for the interrupt
+        def panoptic_codes(self, probs, ctr, off, p, shape):
+            if self.axis_of[tuple(shape)] == "yz" and self.done["yz"] == 47:
+                interrupted.wait(20)
+                time.sleep(0.5)  # still busy when the interrupt comes out, unless waited for
+            return super().panoptic_codes(probs, ctr, off, p, shape)
+
+    vol, engine = _ortho_case(small_config, em_volume, HoldLastYz)
+    path = tmp_path / "interrupted.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        Engine3D(engine).segment(vol, P2, Params3D(ortho_plane=True), overlap=True, zarr_path=path)
+    assert interrupted.is_set()  # while the yz stack ran: its last slice waited for it
+    assert not _ahead_threads()  # every stack stopped or finished before the error came out
+    assert not [p.name for p in path.iterdir() if p.is_dir()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import zarr
@@ -337,3 +339,55 @@ def test_in_memory_arrays_are_written_in_pieces_side_by_side(engine3d, small_vol
         np.testing.assert_array_equal(pieces.classes[name], whole.classes[name])
     for ax in ("xy", "xz", "yz"):
         np.testing.assert_array_equal(pieces.stacks[ax], whole.stacks[ax])
+
+
+def test_ortho_plane_with_two_thing_classes_is_each_class_consensus(tmp_path, small_vol):
+    """With several thing classes the stacks are kept and each class's inputs written in
+    turn: each class is the consensus of its kept objects in the three stacks."""
+    from panoptem.demo import untrained_model
+    from panoptem.inference import stack as st
+    from panoptem.inference.consensus import ortho_plane_consensus
+    from panoptem.models import export_torchscript
+    from testutils import SMALL_ARCH, model_config
+
+    path = tmp_path / "two_things.pth"
+    export_torchscript(untrained_model(dict(SMALL_ARCH, num_classes=3)), path)
+    cfg = model_config(path, class_names={1: "mito", 2: "nucleus"}, labels=[1, 2],
+                       thing_list=[1, 2])
+    engine = Engine3D(cfg)
+    vol = np.ascontiguousarray(small_vol[:6, :48, :48])
+    p3 = Params3D(ortho_plane=True, min_size=4, min_extent=1)
+    res = engine.segment(vol, P2, p3)
+    assert sorted(res.classes) == ["mito", "nucleus"]
+    p2 = replace(P2, max_objects=p3.max_objects, tile_size=0, fill_holes=False).validated()
+    stacks = [st.segment_stack(engine.engine2d, vol, p2, axis=ax, median_size=p3.median_size)
+              for ax in ("xy", "xz", "yz")]
+    found = 0
+    for c, name in ((1, "mito"), (2, "nucleus")):
+        views = []
+        for s in stacks:
+            zyx = np.moveaxis(s.store, 0, st.AXES[s.axis])
+            ids = s.kept_ids(c, p3.min_size, p3.min_extent)
+            view = np.zeros(vol.shape, np.int32)
+            for k, i in enumerate(ids, 1):
+                view[zyx == i] = k
+            views.append(view)
+        want = ortho_plane_consensus(views, min_size=p3.min_size, min_extent=p3.min_extent)
+        np.testing.assert_array_equal(res.classes[name], want)
+        found += int(want.max() > 0)
+    assert found == 2  # both classes have objects
+    overlapped = engine.segment(vol, P2, p3, overlap=True)
+    for name in ("mito", "nucleus"):
+        np.testing.assert_array_equal(overlapped.classes[name], res.classes[name])
+
+
+def test_whole_number_floats_are_taken_as_counts(engine3d, small_vol):
+    p3 = Params3D(min_size=30.0, min_extent=2.0, erode=1.0, dilate=1.0, max_objects=10000.0)
+    v = p3.validated()
+    assert all(type(getattr(v, k)) is int
+               for k in ("min_size", "min_extent", "erode", "dilate", "max_objects"))
+    vol = small_vol[:6, :48, :48]
+    got = engine3d.segment(vol, P2, replace(p3, ortho_plane=True)).classes["mito"]
+    want = engine3d.segment(vol, P2, Params3D(ortho_plane=True, min_size=30, min_extent=2,
+                                              erode=1, dilate=1)).classes["mito"]
+    np.testing.assert_array_equal(got, want)

@@ -119,10 +119,15 @@ def _read(view, z0: int, z1: int) -> np.ndarray:
     return np.asarray(view[z0:z1])
 
 
+def _block_depth(slab: tuple[np.ndarray, ...]) -> int:
+    """Slices per block of a slab: at most about ``_BLOCK_VOXELS`` voxels, one slice at least."""
+    return max(1, _BLOCK_VOXELS // max(1, int(np.prod(slab[0].shape[1:]))))
+
+
 def _blocks(slab: tuple[np.ndarray, ...]) -> Iterator[tuple[slice, tuple[np.ndarray, ...]]]:
-    """Sub-blocks of whole slices of a slab, each at most about ``_BLOCK_VOXELS`` voxels."""
-    plane = max(1, int(np.prod(slab[0].shape[1:])))
-    step = max(1, _BLOCK_VOXELS // plane)
+    """Sub-blocks of whole slices of a slab (see :func:`_block_depth`), flattened (a copy
+    where a view is not contiguous), one at a time."""
+    step = _block_depth(slab)
     for z in range(0, slab[0].shape[0], step):
         sl = slice(z, z + step)
         yield sl, tuple(a[sl].reshape(-1) for a in slab)
@@ -130,12 +135,12 @@ def _blocks(slab: tuple[np.ndarray, ...]) -> Iterator[tuple[slice, tuple[np.ndar
 
 def _map_blocks(fn, slab: tuple[np.ndarray, ...]) -> list:
     """``fn(sl, flat_arrays)`` for every block of a slab (see :func:`_blocks`), up to
-    :data:`_THREADS` blocks at once; the results in block order."""
-    blocks = list(_blocks(slab))
-    threads = min(_THREADS, len(blocks))
+    :data:`_THREADS` blocks at once (blocks are made as the threads take them); the results
+    in block order."""
+    threads = min(_THREADS, -(-slab[0].shape[0] // _block_depth(slab)))
     if threads < 2:
-        return [fn(*b) for b in blocks]
-    return list(ordered_map(lambda b: fn(*b), blocks, threads, name="panoptem-consensus"))
+        return [fn(*b) for b in _blocks(slab)]
+    return list(ordered_map(lambda b: fn(*b), _blocks(slab), threads, name="panoptem-consensus"))
 
 
 # -- triple tables -------------------------------------------------------------------------
@@ -182,12 +187,14 @@ def _merge_tables(rows: np.ndarray, counts: np.ndarray, boxes: np.ndarray | None
     starts = np.flatnonzero(first)
     if boxes is not None:
         boxes = boxes[order]
-        boxes = np.concatenate([np.minimum.reduceat(boxes[:, 0::2], starts),
-                                np.maximum.reduceat(boxes[:, 1::2], starts)], axis=1)[:, [0, 3, 1, 4, 2, 5]]
+        lo = np.minimum.reduceat(boxes[:, 0::2], starts)
+        hi = np.maximum.reduceat(boxes[:, 1::2], starts)
+        boxes = np.stack([lo, hi], axis=2).reshape(-1, 6)  # (z0, z1, y0, y1, x0, x1)
     return rows[starts], np.add.reduceat(counts, starts), boxes
 
 
-def _row_boxes(inv: np.ndarray, fg: np.ndarray, block_shape: tuple, n_rows: int, z0: int) -> np.ndarray:
+def _row_boxes(inv: np.ndarray, fg: np.ndarray, block_shape: tuple, n_rows: int,
+               z0: int) -> np.ndarray:
     """Inclusive bounding box ``(z0, z1, y0, y1, x0, x1)`` of each row's voxels in a block
     of whole slices starting at slice ``z0``: ``inv`` gives the row of each foreground
     voxel (``fg`` the block's flat foreground mask)."""

@@ -458,10 +458,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         matching stays in order, in this thread). Default :func:`post_workers`: several on
         a GPU, 1 on a CPU. The result is the same whatever the count.
     outputs_done : callable(), optional
-        Called once the model outputs of the last slice are computed, in the thread that
-        computes them, while the last slices may still be post-processed and matched:
-        the device is free for other work from then on (an ortho-plane run starts its
-        next stack).
+        Called once the model outputs of the last slice are computed, while the last
+        slices may still be post-processed and matched: the device is free for other work
+        from then on (an ortho-plane run starts its next stack). It runs in the thread
+        that computes the outputs with ``overlap``, else in the calling thread.
 
     Returns
     -------

@@ -5,7 +5,7 @@ slices along one axis (:mod:`.stack`), drops objects smaller than ``min_size`` v
 thinner than ``min_extent`` along any axis, renumbers each thing class 1..N (in the order
 the backward matching pass met them, as the original) and writes one array per class.
 Ortho-plane mode runs the three stacks, then the consensus of :mod:`.consensus` per class,
-then the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy arrays
+which applies the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy arrays
 (:class:`~.zarr_store.MemoryOutput`) or, chunk by chunk, a zarr store
 (:class:`~.zarr_store.ZarrOutput`).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -105,7 +105,9 @@ class Params3D:
                 f"number >= 2; got {self.max_objects}."
             )
         parse_chunks(self.chunk_size)
-        return replace(self, max_objects=int(self.max_objects))
+        return replace(self, max_objects=int(self.max_objects), min_size=int(self.min_size),
+                       min_extent=int(self.min_extent), erode=int(self.erode),
+                       dilate=int(self.dilate))
 
 
 def check_volume(volume):
@@ -279,12 +281,16 @@ class Engine3D:
             The intensities mapped to 0..255 for a non-uint8 volume; default: the volume's own
             range. A block of a larger volume gets the whole volume's range.
         overlap : bool, optional
-            Keep the device busy: each stack's forward passes run ahead of its
-            post-processing (:func:`~.stack.segment_stack`), and in ortho-plane mode the
+            True keeps the device busy: each stack's forward passes run ahead of its
+            post-processing (``segment_stack(overlap=True)``), and in ortho-plane mode the
             next stack starts as soon as the forward passes of the one before are done,
-            while that one is still post-processed, matched and written. The progress
-            then follows the stack whose forward passes run. Default: on a GPU; off on a
-            CPU, where the forward passes already take every core. The result is the same.
+            while that one is still post-processed, matched and written; the progress
+            follows the stack whose forward passes run. False runs one stack after the
+            other, each slice's forward pass, post-processing and matching in turn
+            (``segment_stack(overlap=False)``). Default: True on a GPU; on a CPU, where the
+            forward passes already take every core, one stack after the other with
+            :func:`~.stack.segment_stack`'s CPU default (small slices two at a time). The
+            result is the same.
 
         Returns
         -------
@@ -315,18 +321,21 @@ class Engine3D:
         try:
             vr = value_range if value_range is not None else st.volume_intensity_range(volume)
             axes = ["xy", "xz", "yz"] if p3.ortho_plane else [p3.plane]
+            # Ortho-plane with at most one thing class: each stack's part of the consensus
+            # inputs is written as soon as it is done, and the stack dropped. With more, the
+            # stacks are kept and the inputs written one class at a time (3 views a class).
+            early = p3.ortho_plane and sum(c in things for c in self.labels) <= 1
             # every array the stacks write is made here, in this thread
             panoptic = {ax: out.create(f"panoptic_{ax}", shape, np.int32)
                         for ax in axes if p3.return_stacks}
-            inputs = {c: [out.create(f".view_{ax}_{c}", shape, np.int32) if c in things
-                          else out.create(f".stuff_{ax}_{c}", shape, np.uint8) for ax in axes]
-                      for c in self.labels if p3.ortho_plane}
+            inputs = {c: self._class_inputs(c, c in things, axes, out, shape)
+                      for c in self.labels if early}
 
             def finish(res: st.StackResult, progress: Progress):
-                """Write what is needed of a finished stack; keep it only for stack mode."""
+                """Write what is needed of a finished stack; keep it unless not needed."""
                 if p3.return_stacks:
                     self._write_stack(res, things, p3, panoptic[res.axis], chunks, progress)
-                if not p3.ortho_plane:
+                if not early:
                     return res
                 for c, arrays in inputs.items():
                     self._write_class(res, c, c in things, p3, arrays[axes.index(res.axis)],
@@ -341,23 +350,19 @@ class Engine3D:
             kept = self._run_stacks(volume, p2, p3, axes, vr, make_store, outputs_for, overlap,
                                     finish, prog)
             for c in self.labels:
-                name = self.class_names.get(c, str(c))
-                arr = out.create(name, shape, np.int32 if c in things else np.uint8)
+                name, thing = self.class_names.get(c, str(c)), c in things
+                arr = out.create(name, shape, np.int32 if thing else np.uint8)
                 if not p3.ortho_plane:
-                    self._write_class(kept[axes[0]], c, c in things, p3, arr, chunks, prog)
-                elif c in things:
-                    from panoptem.inference.consensus import ortho_plane_consensus
-
-                    ortho_plane_consensus(inputs.pop(c), vote_thr=p3.vote_thr,
-                                          permit_one_stack=p3.permit_one_stack, out=arr,
-                                          chunk_depth=chunks[0], progress=prog,
-                                          min_size=p3.min_size, min_extent=p3.min_extent)
+                    self._write_class(kept[axes[0]], c, thing, p3, arr, chunks, prog)
                 else:
-                    from panoptem.inference.consensus import semantic_consensus
-
-                    semantic_consensus(inputs.pop(c), vote_thr=p3.vote_thr, out=arr,
-                                       chunk_depth=chunks[0], progress=prog)
-                if c in things:
+                    views = (inputs.pop(c) if early
+                             else self._class_inputs(c, thing, axes, out, shape))
+                    if not early:
+                        for ax, view in zip(axes, views, strict=True):
+                            self._write_class(kept[ax], c, thing, p3, view, chunks, prog)
+                    self._consensus(views, thing, p3, arr, chunks, prog)
+                    del views  # this class's inputs are no longer needed
+                if thing:
                     self._morphology(arr, p3)
                 result.classes[name] = out.commit(name)
             if p3.return_stacks:
@@ -391,12 +396,17 @@ class Engine3D:
         if len(axes) == 1 or not stagger:
             return {ax: run(ax, make_store(ax), prog) for ax in axes}
 
-        stop = threading.Event()  # set by the first stack that fails
+        stop = threading.Event()  # set by the first stack that fails, or on an interrupt
         errors: list[BaseException] = []
 
-        def run_stack(ax, store, progress, fed):
+        def run_stack(ax, store, progress, fed, last):
+            def outputs_done():  # in the forward thread: hand the progress on, then go on
+                if not last:
+                    progress.detach()
+                fed.set()
+
             try:
-                return run(ax, store, progress, fed.set)
+                return run(ax, store, progress, outputs_done)
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
@@ -405,23 +415,45 @@ class Engine3D:
                 fed.set()  # the next stack may start, or see the stop
 
         futures = {}
-        with ThreadPoolExecutor(len(axes), thread_name_prefix="panoptem-stack") as pool:
-            relay = None
-            try:
-                for ax in axes:
-                    if stop.is_set():
-                        break
-                    if relay is not None:
-                        relay.detach()
-                    relay, fed = _StackProgress(prog, stop), threading.Event()
-                    futures[ax] = pool.submit(run_stack, ax, make_store(ax), relay, fed)
-                    fed.wait()
-            except BaseException:
-                stop.set()  # the running stacks stop at their next step
-                raise
+        pool = ThreadPoolExecutor(len(axes), thread_name_prefix="panoptem-stack")
+        try:
+            for k, ax in enumerate(axes):
+                if stop.is_set():
+                    break
+                relay, fed = _StackProgress(prog, stop), threading.Event()
+                futures[ax] = pool.submit(run_stack, ax, make_store(ax), relay, fed,
+                                          k == len(axes) - 1)
+                fed.wait()
+            wait(futures.values())
+        except BaseException:  # also an interrupt while waiting: the stacks stop at their next step
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
         if errors:
             raise errors[0]
         return {ax: f.result() for ax, f in futures.items()}
+
+    @staticmethod
+    def _class_inputs(c, thing: bool, axes, out, shape) -> list:
+        """New arrays for one class's consensus inputs, one per stack: the objects of a
+        thing class (int32), the mask of a stuff class (uint8)."""
+        if thing:
+            return [out.create(f".view_{ax}_{c}", shape, np.int32) for ax in axes]
+        return [out.create(f".stuff_{ax}_{c}", shape, np.uint8) for ax in axes]
+
+    @staticmethod
+    def _consensus(views, thing: bool, p3, arr, chunks, prog) -> None:
+        """One class's consensus of its three stacks into ``arr``."""
+        from panoptem.inference.consensus import ortho_plane_consensus, semantic_consensus
+
+        if thing:
+            ortho_plane_consensus(views, vote_thr=p3.vote_thr, permit_one_stack=p3.permit_one_stack,
+                                  out=arr, chunk_depth=chunks[0], progress=prog,
+                                  min_size=p3.min_size, min_extent=p3.min_extent)
+        else:
+            semantic_consensus(views, vote_thr=p3.vote_thr, out=arr, chunk_depth=chunks[0],
+                               progress=prog)
 
     def _write_stack(self, res: st.StackResult, things, p3, arr, chunks, prog):
         keep = {i: i for c in things for i in res.kept_ids(c, p3.min_size, p3.min_extent)}
@@ -450,8 +482,9 @@ class Engine3D:
 
 class _StackProgress(Progress):
     """The progress of one stack among overlapping ones: passed on to the run's progress
-    until :meth:`detach` (the next stack has started), then only checked. It stops its
-    stack when the run is cancelled or another stack failed (``stop``)."""
+    until :meth:`detach` (its forward passes are done and the next stack takes over), then
+    only checked. It stops its stack when the run is cancelled or stopped (``stop``: another
+    stack failed, or the run was interrupted)."""
 
     def __init__(self, main: Progress, stop: threading.Event) -> None:
         super().__init__()
@@ -483,7 +516,15 @@ class _StackProgress(Progress):
     def check(self) -> None:
         self._main.check()
         if self._stop.is_set():
-            raise Cancelled("stopped: another stack of the ortho-plane run failed")
+            raise Cancelled("stopped with the ortho-plane run (another stack failed, or the "
+                            "run was interrupted)")
+
+    def cancel(self) -> None:
+        self._main.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._main.cancelled or self._stop.is_set()
 
 
 def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: bool = False) -> np.ndarray:
