@@ -5,8 +5,8 @@ slices along one axis (:mod:`.stack`), drops objects smaller than ``min_size`` v
 thinner than ``min_extent`` along any axis, renumbers each thing class 1..N (in the order
 the backward matching pass met them, as the original) and writes one array per class.
 Ortho-plane mode runs the three stacks, then the consensus of :mod:`.consensus` per class,
-which applies the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy arrays
-(:class:`~.zarr_store.MemoryOutput`) or, chunk by chunk, a zarr store
+which applies the same filters. Results go to a :class:`~.zarr_store.VolumeOutput`: numpy
+arrays (:class:`~.zarr_store.MemoryOutput`) or, chunk by chunk, a zarr store
 (:class:`~.zarr_store.ZarrOutput`).
 """
 
@@ -332,7 +332,7 @@ class Engine3D:
                       for c in self.labels if early}
 
             def finish(res: st.StackResult, progress: Progress):
-                """Write what is needed of a finished stack; keep it unless not needed."""
+                """Write what is needed of a finished stack; return it if it is needed later."""
                 if p3.return_stacks:
                     self._write_stack(res, things, p3, panoptic[res.axis], chunks, progress)
                 if not early:
@@ -542,4 +542,3 @@ def morphology(labels: np.ndarray, erode: int = 0, dilate: int = 0, fill_holes: 
     if fill_holes:
         out = fill_holes_2d(out)
     return cc3d.connected_components(out, connectivity=26, out_dtype=np.uint32).astype(np.int32)
-
