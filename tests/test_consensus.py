@@ -193,6 +193,8 @@ def test_filters_drop_small_and_thin_objects_and_number_by_first_slice():
     want[2:12, 25:45, 25:45] = 1
     want[20:40, 2:20, 2:20] = 2
     np.testing.assert_array_equal(result, want)
+    # whole-number floats count, as in Params3D
+    np.testing.assert_array_equal(ortho_plane_consensus(views, min_size=50.0, min_extent=3.0), want)
     # with nothing to drop the objects are still renumbered by first slice
     np.testing.assert_array_equal(ortho_plane_consensus(views, min_size=0, min_extent=0),
                                   filtered(plain, 0, 0))
@@ -233,7 +235,8 @@ def test_filters_equal_filtering_the_consensus_afterwards(monkeypatch, min_size,
     assert got.max() > 0
 
 
-@pytest.mark.parametrize("bad", [{"min_size": -1}, {"min_extent": 2.5}, {"min_size": True}])
+@pytest.mark.parametrize("bad", [{"min_size": -1}, {"min_extent": 2.5}, {"min_size": True},
+                                 {"min_extent": "3"}, {"min_size": float("nan")}])
 def test_bad_filter_values_are_refused(bad):
     with pytest.raises(PanoptemError, match="whole number"):
         ortho_plane_consensus(views_of(), **bad)

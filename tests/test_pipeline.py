@@ -500,17 +500,13 @@ def test_a_failing_stack_stops_the_others_and_its_error_is_raised(small_config, 
 
 
 def test_cancel_while_stacks_overlap_stops_them_all(small_config, em_volume, tmp_path):
+    from testutils import CancelAt
+
     vol, engine = _ortho_case(small_config, em_volume)
-
-    class CancelInXz(Progress):
-        def on_advance(self, done, total):
-            if self.stage_name == "stack xz" and done == 2:
-                self.cancel()
-
     path = tmp_path / "cancelled.zarr"
     with pytest.raises(Cancelled):
         Engine3D(engine).segment(vol, P2, Params3D(ortho_plane=True), overlap=True,
-                                 zarr_path=path, progress=CancelInXz())
+                                 zarr_path=path, progress=CancelAt("stack xz", 2))
     assert not _ahead_threads()
     assert not [p.name for p in path.iterdir() if p.is_dir()]  # no array left complete
 

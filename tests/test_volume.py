@@ -94,15 +94,12 @@ def test_progress_stages_and_cancel_leave_no_complete_array(engine3d, small_vol,
     )
     assert {"stack xy", "matching xy"} <= set(stages)
 
-    class CancelMidStack(Progress):
-        def on_advance(self, done, total):
-            if self.stage_name == "stack xy" and done == 4:
-                self.cancel()
+    from testutils import CancelAt
 
     path = tmp_path / "cancelled.zarr"
     with pytest.raises(Cancelled):
         engine3d.segment(
-            small_vol, P2, Params3D(min_size=30), zarr_path=path, progress=CancelMidStack()
+            small_vol, P2, Params3D(min_size=30), zarr_path=path, progress=CancelAt("stack xy", 4)
         )
     assert not [p.name for p in path.iterdir() if p.is_dir()]
 
@@ -128,6 +125,9 @@ def test_bad_volumes(engine3d, shape, match):
         (Params3D(vote_thr=4), "Voxel Vote Thr"),
         (Params3D(median_size=4), "Median Filter Size"),
         (Params3D(plane="xx"), "Inference plane"),
+        (Params3D(min_size=float("inf")), "min_size must be a whole number from 0"),
+        (Params3D(min_extent=2.5), "min_extent must be a whole number from 0"),
+        (Params3D(erode=51), "erode must be a whole number from 0 to 50"),
     ],
 )
 def test_bad_parameters(params, match):

@@ -14,10 +14,23 @@ from pathlib import Path
 import numpy as np
 
 from panoptem.demo import DEMO_ARCH
+from panoptem.progress import Progress
 
 #: Real EM crops kept in the repository (see data/em/SOURCE.md).
 EM_DATA = Path(__file__).resolve().parent / "data" / "em"
 EM_VOLUME = EM_DATA / "lucchi_volume_z0-63_y0-127_x192-319.tif"
+
+
+class CancelAt(Progress):
+    """The user presses Cancel once ``step`` steps of the stage ``stage`` are done."""
+
+    def __init__(self, stage: str, step: int) -> None:
+        super().__init__()
+        self.at = (stage, step)
+
+    def on_advance(self, done: int, total: int) -> None:
+        if (self.stage_name, done) == self.at:
+            self.cancel()
 
 
 def em_png(name: str) -> np.ndarray:

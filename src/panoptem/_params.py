@@ -13,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ParamInfo", "param", "param_info"]
+from panoptem.errors import PanoptemError
+
+__all__ = ["ParamInfo", "param", "param_info", "whole_count"]
 
 _KEY = "panoptem"
 _UNSET = object()
@@ -68,3 +70,18 @@ def param_info(cls, name: str) -> ParamInfo:
         if f.name == name:
             return ParamInfo(name=name, default=f.default, **f.metadata[_KEY])
     raise KeyError(f"{cls.__name__} has no parameter {name!r}")
+
+
+def whole_count(name: str, value, hi: int | None = None) -> int:
+    """``value`` as an int from 0 (to ``hi``); whole-number floats such as 500.0 pass.
+
+    Raises PanoptemError naming ``name`` and the allowed range otherwise (fractions,
+    negatives, booleans, NaN, infinity, text)."""
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and 0 <= value
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok or (hi is not None and value > hi):
+        raise PanoptemError(f"{name} must be a whole number from 0{'' if hi is None else f' to {hi}'}; "
+                            f"got {value!r}.")
+    return int(value)

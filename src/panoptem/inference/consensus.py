@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
+from panoptem._params import whole_count
 from panoptem.errors import PanoptemError
 from panoptem.inference._consensus_graph import label_rows, resolve_components
 from panoptem.inference.pipeline import ordered_map
@@ -289,16 +290,6 @@ def _row_lookup(table: np.ndarray):
     return lookup
 
 
-def _count_arg(name: str, value) -> int:
-    try:
-        n = operator.index(value if value is not None else 0)
-    except TypeError:
-        n = -1
-    if n < 0 or isinstance(value, bool):
-        raise PanoptemError(f"{name} must be a whole number from 0; got {value!r}")
-    return n
-
-
 def _filter_rows(row_id: np.ndarray, counts: np.ndarray, boxes: np.ndarray, min_size: int,
                  min_extent: int) -> np.ndarray:
     """``row_id`` with the objects that fail the size or extent filter mapped to 0 and the
@@ -391,7 +382,8 @@ def ortho_plane_consensus(views: Sequence, vote_thr: int = 2, cluster_iou_thr: f
 
     filtered = min_size is not None or min_extent is not None
     if filtered:
-        min_size, min_extent = _count_arg("min_size", min_size), _count_arg("min_extent", min_extent)
+        min_size = whole_count("min_size", 0 if min_size is None else min_size)
+        min_extent = whole_count("min_extent", 0 if min_extent is None else min_extent)
 
     table, counts, boxes = _count_triples(views, shape, chunk_depth, progress, boxes=filtered)
     node, size, n_nodes = _object_nodes(table, counts)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from panoptem._params import param
+from panoptem._params import param, whole_count
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
@@ -95,19 +95,16 @@ class Params3D:
             raise PanoptemError(f"Inference plane must be xy, xz or yz; got {self.plane!r}.")
         if self.vote_thr not in (1, 2, 3):
             raise PanoptemError(f"Voxel Vote Thr Out of 3 must be 1, 2 or 3; got {self.vote_thr}.")
-        for name, hi in (("min_size", None), ("min_extent", None), ("erode", 50), ("dilate", 50)):
-            v = getattr(self, name)
-            if int(v) != v or v < 0 or (hi is not None and v > hi):
-                raise PanoptemError(f"{name} must be a whole number from 0{'' if hi is None else f' to {hi}'}; got {v}.")
+        counts = {name: whole_count(name, getattr(self, name), hi)
+                  for name, hi in (("min_size", None), ("min_extent", None), ("erode", 50),
+                                   ("dilate", 50))}
         if int(self.max_objects) != self.max_objects or self.max_objects < 0 or self.max_objects == 1:
             raise PanoptemError(
                 "Max objects per class in 3D must be 0 (number the objects 1..N) or a whole "
                 f"number >= 2; got {self.max_objects}."
             )
         parse_chunks(self.chunk_size)
-        return replace(self, max_objects=int(self.max_objects), min_size=int(self.min_size),
-                       min_extent=int(self.min_extent), erode=int(self.erode),
-                       dilate=int(self.dilate))
+        return replace(self, max_objects=int(self.max_objects), **counts)
 
 
 def check_volume(volume):
