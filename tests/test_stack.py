@@ -171,6 +171,93 @@ def test_stack_matching_on_tables_equals_matching_the_images(em_volume, things):
     assert list(res.stats.items()) == list(stats.items())
 
 
+def test_backward_pass_skips_slices_whose_touching_objects_share_ids(em_volume, monkeypatch):
+    """Where every object of a slice touches only objects of its own id in the next slice,
+    the backward pass keeps the slice's ids without running the rule. The labels and stats
+    must still be those of matching whole images. Blobs of the volume smoothed in 3D (no
+    stuff band, which touches everything): some slices are so, some not."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    from panoptem.inference import stack
+
+    div = 1000
+    smooth = ndimage.gaussian_filter(em_volume[:24].astype(np.float32), (1, 3, 3))
+    lo, hi = np.percentile(smooth, [15, 88])
+    pans = []
+    for s in smooth:
+        pan = np.zeros(s.shape, np.int32)
+        pan[s < lo], pan[s > hi] = div + 1, 2 * div + 1
+        pans.append(relabel_connected(pan, [1, 2], div))
+    forward, final, stats = match_images(pans, [1, 2], div)
+    assert (forward != final).any(axis=(1, 2)).sum() >= 2  # some slices the rule changes
+    calls = []
+    rule = stack._match_step
+
+    def counted(*args, assign_new):
+        calls.append(assign_new)
+        return rule(*args, assign_new=assign_new)
+
+    monkeypatch.setattr(stack, "_match_step", counted)
+    res = segment_stack(LabelEngine([1, 2]), em_volume[:24],
+                        SimpleNamespace(label_divisor=div, semantic_only=False), median_size=1,
+                        outputs=iter([(p, None, None) for p in pans]))
+    np.testing.assert_array_equal(res.store, final)
+    assert list(res.stats.items()) == list(stats.items())
+    assert calls.count(True) == 24
+    assert 2 <= calls.count(False) <= 20  # of 23 slice pairs
+
+
+def test_stats_table_sums_boxes_and_orders_by_first_appearance():
+    """Objects in order of first appearance (slices in the order given, ids ascending in
+    one slice); an object's indices and slices summed and boxed together; 0 skipped."""
+    from panoptem.inference.stack import _stats_table
+
+    box = np.array
+    table = _stats_table([
+        (7, [0, 1005, 1002, 1005], [50, 3, 4, 5], box([[0] * 4, [1, 2, 3, 4], [0, 0, 9, 9], [5, 6, 0, 1]])),
+        (6, [0], [80], box([[0] * 4])),
+        (5, [0, 1001, 1002], [60, 2, 6], box([[0] * 4, [4, 4, 4, 4], [8, 9, 1, 2]])),
+    ])
+    assert list(table.items()) == [
+        (1002, [10, 5, 7, 0, 9, 1, 9]),
+        (1005, [8, 7, 7, 1, 6, 0, 4]),
+        (1001, [2, 5, 5, 4, 4, 4, 4]),
+    ]
+    assert _stats_table([]) == {} and _stats_table([(0, [0], [9], box([[0] * 4]))]) == {}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rule_keeps_ids_that_every_touching_pair_shares(seed):
+    """The claim the backward pass's skip rests on, on random tables: when each touching
+    pair of objects has one id, matching without new ids changes no id, whatever the
+    areas and overlaps (and whatever objects touch nothing)."""
+    from panoptem.inference.stack import _match_step
+
+    rng = np.random.default_rng(seed)
+    div = 100
+    shared_ids = rng.choice(np.arange(1, 60), 12, replace=False) + div * rng.integers(1, 3, 12)
+    only_t = 10 * div + np.arange(1, 4)  # stuff-like and lone ids on either side
+    target = np.concatenate([[0], shared_ids[:9], [div * 3]]).astype(np.int64)
+    new = np.concatenate([[0], rng.permutation(shared_ids[3:]), only_t[:2]]).astype(np.int64)
+    new = np.where(new >= 10 * div, new - 8 * div, new)  # lone thing ids of classes 2
+    t_counts = rng.integers(1, 400, len(target))
+    n_counts = rng.integers(1, 400, len(new))
+    ti, ni = [], []
+    for a, i in enumerate(target):
+        for b, j in enumerate(new):
+            if i == j and i > 0 and rng.random() < 0.8:
+                ti.append(a), ni.append(b)
+    shared = np.minimum(t_counts[ti], n_counts[ni]) * rng.uniform(0.01, 1, len(ti))
+    pairs = (np.array(ti, np.int64), np.array(ni, np.int64), shared.astype(np.int64) + 1)
+    assert np.array_equal(target[pairs[0]], new[pairs[1]]) and len(ti) >= 2
+    next_label = {1: 1 * div + 90, 2: 2 * div + 90}
+    out = _match_step(target, t_counts, new, n_counts, pairs, [1, 2], div, next_label,
+                      assign_new=False)
+    np.testing.assert_array_equal(out, new)
+
+
 def test_stack_with_more_objects_than_the_divisor_allows(em_volume):
     from types import SimpleNamespace
 

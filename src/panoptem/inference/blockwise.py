@@ -446,9 +446,7 @@ def _stitch_block(job: _Job, name: str, idx, offsets: dict) -> tuple[dict, dict,
         for v, n in zip(u.tolist(), c.tolist(), strict=True):
             pairs[(key, v >> 32, v & 0xFFFFFFFF)] = n
     zarr.open_array(str(root / "labels" / name / "0"), mode="r+")[core] = out.astype(np.int32)
-    stats: dict = {}
-    for dz in range(out.shape[0]):
-        st._update_stats(stats, corigin[0] + dz, out[dz])
+    stats = st._label_stats((corigin[0] + dz, out[dz]) for dz in range(out.shape[0]))
     for v in stats.values():  # rows and columns to volume coordinates
         v[3] += corigin[1]
         v[4] += corigin[1]

@@ -220,35 +220,47 @@ def _group(values: np.ndarray, weights: np.ndarray, select: np.ndarray):
     return ids, group, sums
 
 
-def _add_stats(stats: dict, s: int, ids: np.ndarray, counts: np.ndarray, boxes: np.ndarray) -> None:
-    """Add the objects of slice ``s`` to the per-id voxel counts and bounding boxes: ``ids``
-    gives each index's object (0 none), ``counts`` and ``boxes`` its pixels and box (an
-    object may span several indices). Objects new to ``stats`` are added in id order."""
+def _stats_table(slices) -> dict:
+    """Per-id voxel counts and inclusive boxes ``[voxels, s0, s1, r0, r1, c0, c1]`` of
+    indexed slices ``(s, ids, counts, boxes)``: ``ids`` gives each index's object (0 none;
+    an object may span several indices), ``counts`` and ``boxes`` its pixels and box.
+
+    Ids are in order of first appearance, slices taken in the order given and ids in
+    ascending order within one slice. One pass of numpy over all slices' tables, so that
+    the Python work grows with the objects, not with the slices.
+    """
+    parts = [(s, np.asarray(ids), np.asarray(counts), np.asarray(boxes))
+             for s, ids, counts, boxes in slices]
+    if not parts:
+        return {}
+    ids = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
     sel = ids != 0
     if not sel.any():
-        return
-    uniq, group, sums = _group(ids, counts, sel)
-    b = boxes[sel]
-    lo = np.full((len(uniq), 2), np.iinfo(np.int64).max)
-    hi = np.full((len(uniq), 2), -1)
-    np.minimum.at(lo, group, b[:, [0, 2]])
-    np.maximum.at(hi, group, b[:, [1, 3]])
-    for i, n, (r0, c0), (r1, c1) in zip(uniq.tolist(), sums.tolist(), lo.tolist(), hi.tolist(),
-                                        strict=True):
-        st = stats.get(i)
-        if st is None:
-            stats[i] = [n, s, s, r0, r1, c0, c1]
-        else:
-            st[0] += n
-            st[1], st[2] = min(st[1], s), max(st[2], s)
-            st[3], st[4] = min(st[3], r0), max(st[4], r1)
-            st[5], st[6] = min(st[5], c0), max(st[6], c1)
+        return {}
+    order_in = np.repeat(np.arange(len(parts)), [len(p[1]) for p in parts])[sel]  # place in `slices`
+    where = np.array([p[0] for p in parts], np.int64)[order_in]  # slice number
+    counts = np.concatenate([p[2] for p in parts]).astype(np.int64, copy=False)[sel]
+    boxes = np.concatenate([p[3] for p in parts]).reshape(-1, 4).astype(np.int64, copy=False)[sel]
+    uniq, group = np.unique(ids[sel], return_inverse=True)
+    by_group = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(group[by_group]) != 0])
+
+    def reduce(ufunc, values):
+        return ufunc.reduceat(values[by_group], starts, axis=0)
+
+    first = reduce(np.minimum, order_in)
+    rows = np.column_stack([
+        reduce(np.add, counts), reduce(np.minimum, where), reduce(np.maximum, where),
+        reduce(np.minimum, boxes[:, 0]), reduce(np.maximum, boxes[:, 1]),
+        reduce(np.minimum, boxes[:, 2]), reduce(np.maximum, boxes[:, 3])])
+    order = np.lexsort((uniq, first))
+    return dict(zip(uniq[order].tolist(), rows[order].tolist(), strict=True))
 
 
-def _update_stats(stats: dict, s: int, labels: np.ndarray) -> None:
-    """Add one slice's objects to the per-id voxel counts and bounding boxes."""
-    obj = _objects(labels)
-    _add_stats(stats, s, obj.ids, obj.counts, obj.boxes)
+def _label_stats(slices) -> dict:
+    """:func:`_stats_table` of 2D label images given as ``(s, labels)``."""
+    return _stats_table((s, obj.ids, obj.counts, obj.boxes)
+                        for s, labels in slices for obj in (_objects(labels),))
 
 
 def _match_step(target: np.ndarray, target_counts: np.ndarray, new: np.ndarray,
@@ -562,20 +574,25 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
 
     # Backward pass: each slice matched to the next one, already matched, without new ids.
     # It works on the forward pass's tables; only slices whose ids change are rewritten.
-    result = StackResult(axis, store, div)
     prog.stage(f"matching {axis}", n)
     after = None  # the next slice's objects, its final ids and the pairs it shares with this one
+    final = []  # (slice, its objects' final ids, counts, boxes), last slice first
     for i in range(n - 1, -1, -1):
         obj, ids, pairs = slices_seen[i]
         if after is not None:
             nxt, nxt_ids, (here, there, shared) = after
-            matched = _match_step(nxt_ids, nxt.counts, ids, obj.counts, (there, here, shared),
-                                  things, div, next_label, assign_new=False)
-            changed = matched != ids
-            if changed.any():
-                store[i] = _relabel(store[i], ids[changed], matched[changed])
-            ids = matched
-        _add_stats(result.stats, i, ids, obj.counts, obj.boxes)
+            # Where every pair of touching objects already has one id, the rule keeps every
+            # id: each object touches only its namesake, the one pairing it can get, and
+            # one that pairs with nothing keeps its id. Most slices are so (tables only).
+            if not np.array_equal(nxt_ids[there], ids[here]):
+                matched = _match_step(nxt_ids, nxt.counts, ids, obj.counts,
+                                      (there, here, shared), things, div, next_label,
+                                      assign_new=False)
+                changed = matched != ids
+                if changed.any():
+                    store[i] = _relabel(store[i], ids[changed], matched[changed])
+                ids = matched
+        final.append((i, ids, obj.counts, obj.boxes))
         after = (obj, ids, pairs)
         prog.advance()
-    return result
+    return StackResult(axis, store, div, _stats_table(final))
