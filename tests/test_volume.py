@@ -308,8 +308,9 @@ def test_id_map_by_table_and_by_search_agree(em_volume, dtype):
 
 
 def test_in_memory_arrays_are_written_in_pieces_side_by_side(engine3d, small_vol, monkeypatch):
-    """In-memory results are written in pieces of a few slices, several at once: the same
-    arrays as in one piece, for the xy, xz and yz stacks and the consensus alike."""
+    """In-memory results are written in pieces of a few of the store's slices, several at
+    once: the same arrays as in one piece, for the xy, xz and yz stacks and the consensus
+    alike."""
     import threading
 
     from panoptem.inference import volume
@@ -318,13 +319,13 @@ def test_in_memory_arrays_are_written_in_pieces_side_by_side(engine3d, small_vol
     whole = engine3d.segment(small_vol, P2, p3)
     monkeypatch.setattr(volume, "WRITE_PIECE_VOXELS", 3 * 96 * 112)  # 3 of the 10 slices
     monkeypatch.setattr(volume, "WRITE_THREADS", 3)
-    readers, read = set(), volume._read_zyx
+    readers, read = set(), volume._to_zyx
 
     def recorded(*args):
         readers.add(threading.current_thread().name)
         return read(*args)
 
-    monkeypatch.setattr(volume, "_read_zyx", recorded)
+    monkeypatch.setattr(volume, "_to_zyx", recorded)
     stages = []
 
     class Stages(Progress):
