@@ -188,6 +188,33 @@ def test_bad_parameters_are_clear_errors(field, value, match):
         Params2D(**{field: value}).validated()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, "3", True, 2.5])
+@pytest.mark.parametrize("field,match", [
+    ("downsampling", "Image Downsampling must be one of"),
+    ("min_distance", "Centers Min Distance must be a whole number from 1"),
+    ("max_objects", "Max objects per class must be 0"),
+    ("tile_size", "Tile size must be 0"),
+])
+def test_whole_number_parameters_refuse_anything_else(field, value, match):
+    """Not a whole number (NaN, infinity, None, text, a boolean, a fraction): a
+    PanoptemError naming the parameter, not Python's own error from int()."""
+    with pytest.raises(PanoptemError, match=match):
+        Params2D(**{field: value}).validated()
+
+
+@pytest.mark.parametrize("value", ["0.5", None, True, float("nan")])
+def test_thresholds_refuse_what_is_not_a_number_in_range(value):
+    for field in ("confidence_thr", "center_confidence_thr"):
+        with pytest.raises(PanoptemError, match=f"{field} must lie between 0 and 1"):
+            Params2D(**{field: value}).validated()
+
+
+def test_whole_number_floats_become_ints():
+    p = Params2D(downsampling=2.0, min_distance=4.0, max_objects=100.0, tile_size=256.0).validated()
+    assert [(v, type(v)) for v in (p.downsampling, p.min_distance, p.max_objects, p.tile_size)] == [
+        (2, int), (4, int), (100, int), (256, int)]
+
+
 def test_unknown_model_name():
     with pytest.raises(PanoptemError, match="MitoNet_v1"):
         Engine2D("NoSuchModel")

@@ -125,9 +125,17 @@ def test_bad_volumes(engine3d, shape, match):
         (Params3D(vote_thr=4), "Voxel Vote Thr"),
         (Params3D(median_size=4), "Median Filter Size"),
         (Params3D(plane="xx"), "Inference plane"),
+        (Params3D(plane=["xy"]), "Inference plane"),
         (Params3D(min_size=float("inf")), "min_size must be a whole number from 0"),
         (Params3D(min_extent=2.5), "min_extent must be a whole number from 0"),
         (Params3D(erode=51), "erode must be a whole number from 0 to 50"),
+        (Params3D(vote_thr=True), "Voxel Vote Thr"),
+        (Params3D(vote_thr=2.5), "Voxel Vote Thr"),
+        (Params3D(median_size="3"), "Median Filter Size"),
+        (Params3D(max_objects=float("nan")), "Max objects per class in 3D must be 0"),
+        (Params3D(max_objects=None), "Max objects per class in 3D must be 0"),
+        (Params3D(max_objects="ten"), "Max objects per class in 3D must be 0"),
+        (Params3D(max_objects=float("inf")), "Max objects per class in 3D must be 0"),
     ],
 )
 def test_bad_parameters(params, match):
@@ -278,8 +286,42 @@ def test_memory_output_arrays_and_commit():
     out.cleanup()
     with pytest.raises(KeyError):
         out.commit("er")
-    with pytest.raises(PanoptemError, match="slab"):
-        MemoryOutput(slab=0)
+    for bad in (0, 2.5, float("nan"), "a", True):
+        with pytest.raises(PanoptemError, match="The slab depth must be a whole number from 1"):
+            MemoryOutput(slab=bad)
+    assert MemoryOutput(slab=16.0).slab == 16
+
+
+@pytest.mark.parametrize("piece", [1, 50, 700, 10**6])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_stores_are_written_in_pieces_of_their_own_slices_and_rows(em_volume, axis, piece,
+                                                                  monkeypatch):
+    """An in-memory output is written piece by piece from where the pieces lie in the store
+    (several slices, or rows of slices where a slice is larger than a piece; at least 16 yz
+    slices at once): whatever the piece size, the ZYX array mapped through the table."""
+    from panoptem.inference import volume
+    from panoptem.progress import Progress
+
+    monkeypatch.setattr(volume, "WRITE_PIECE_VOXELS", piece)
+    monkeypatch.setattr(volume, "WRITE_THREADS", 3)
+    zyx = (em_volume[:9, :21, :34] // 16).astype(np.int32)  # ids 0..15
+    store = np.ascontiguousarray(zyx.transpose([(0, 1, 2), (1, 0, 2), (2, 0, 1)][axis]))
+    mapping = {3: 7, 5: 1, 9: 2, 15: 4}
+    out = np.full(zyx.shape, -1, np.int32)
+    stages = []
+
+    class Stages(Progress):
+        def on_stage(self, name, total):
+            stages.append(total)
+
+    volume._write_remapped(store, axis, mapping, out, np.int32, zyx.shape, Stages())
+    want = np.vectorize(lambda v: mapping.get(v, 0))(zyx)
+    np.testing.assert_array_equal(out, want)
+    n, h, w = store.shape
+    depth = max(1, piece // (h * w))
+    depth = min(n, max(depth, 16)) if axis == 2 else depth
+    assert stages == [-(-n // depth) * -(-h // max(1, piece // (depth * w)))]
+    assert (stages[0] > 1) == (piece < zyx.size)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8])
@@ -383,10 +425,14 @@ def test_ortho_plane_with_two_thing_classes_is_each_class_consensus(tmp_path, sm
 
 
 def test_whole_number_floats_are_taken_as_counts(engine3d, small_vol):
-    p3 = Params3D(min_size=30.0, min_extent=2.0, erode=1.0, dilate=1.0, max_objects=10000.0)
+    """Whole-number floats pass as ints, also to the consensus (vote_thr 2.0 once passed the
+    check and then failed there, after every stack's work)."""
+    p3 = Params3D(min_size=30.0, min_extent=2.0, erode=1.0, dilate=1.0, max_objects=10000.0,
+                  vote_thr=2.0, median_size=3.0)
     v = p3.validated()
     assert all(type(getattr(v, k)) is int
-               for k in ("min_size", "min_extent", "erode", "dilate", "max_objects"))
+               for k in ("min_size", "min_extent", "erode", "dilate", "max_objects", "vote_thr",
+                         "median_size"))
     vol = small_vol[:6, :48, :48]
     got = engine3d.segment(vol, P2, replace(p3, ortho_plane=True)).classes["mito"]
     want = engine3d.segment(vol, P2, Params3D(ortho_plane=True, min_size=30, min_extent=2,

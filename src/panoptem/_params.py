@@ -13,9 +13,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from panoptem.errors import PanoptemError
 
-__all__ = ["ParamInfo", "param", "param_info", "whole_count"]
+__all__ = ["ParamInfo", "param", "param_info", "as_whole", "whole_count", "divisor_count"]
 
 _KEY = "panoptem"
 _UNSET = object()
@@ -72,16 +74,34 @@ def param_info(cls, name: str) -> ParamInfo:
     raise KeyError(f"{cls.__name__} has no parameter {name!r}")
 
 
-def whole_count(name: str, value, hi: int | None = None) -> int:
-    """``value`` as an int from 0 (to ``hi``); whole-number floats such as 500.0 pass.
-
-    Raises PanoptemError naming ``name`` and the allowed range otherwise (fractions,
-    negatives, booleans, NaN, infinity, text)."""
+def as_whole(value) -> int | None:
+    """``value`` as an int where it is a whole number (whole-number floats such as 500.0
+    too), else None: fractions, booleans, NaN, infinity, text, None."""
     try:
-        ok = not isinstance(value, bool) and int(value) == value and 0 <= value
+        if isinstance(value, (bool, np.bool_)) or int(value) != value:
+            return None
     except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok or (hi is not None and value > hi):
-        raise PanoptemError(f"{name} must be a whole number from 0{'' if hi is None else f' to {hi}'}; "
-                            f"got {value!r}.")
+        return None
     return int(value)
+
+
+def whole_count(name: str, value, hi: int | None = None, lo: int = 0) -> int:
+    """``value`` as an int from ``lo`` (to ``hi``), see :func:`as_whole`.
+
+    Raises PanoptemError naming ``name`` and the allowed range otherwise."""
+    n = as_whole(value)
+    if n is None or n < lo or (hi is not None and n > hi):
+        raise PanoptemError(f"{name} must be a whole number from {lo}{'' if hi is None else f' to {hi}'}; "
+                            f"got {value!r}.")
+    return n
+
+
+def divisor_count(label: str, value) -> int:
+    """A "Max objects per class" value as an int: 0 (objects numbered 1..N) or from 2.
+
+    Raises PanoptemError naming ``label`` otherwise."""
+    n = as_whole(value)
+    if n is None or n < 0 or n == 1:
+        raise PanoptemError(f"{label} must be 0 (number the objects 1..N) or a whole number >= 2 "
+                            f"(e.g. 10000); got {value!r}.")
+    return n

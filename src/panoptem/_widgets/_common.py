@@ -16,7 +16,7 @@ import numpy as np
 from qtpy.QtCore import QEvent, QObject
 
 from panoptem import registry
-from panoptem._params import param_info
+from panoptem._params import divisor_count, param_info
 from panoptem._widgets import _settings
 from panoptem.errors import PanoptemError
 
@@ -63,6 +63,16 @@ def param_options(cls, name: str, widget_type: str | None = None, **overrides) -
             opts[key] = getattr(info, key)
     opts.update(overrides)
     return opts
+
+
+def max_objects(text, label: str) -> int:
+    """The "Max objects per class" text field (a line edit, as in the original widget) as a
+    number, see :func:`~panoptem._params.divisor_count`."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = text
+    return divisor_count(label, value)
 
 
 def default_roi_layer(viewer):

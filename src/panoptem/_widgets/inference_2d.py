@@ -199,7 +199,8 @@ class Inference2D(FunctionGui):
                 center_confidence_thr=float(center_confidence_thr),
                 min_distance=int(min_distance_object_centers), fine_boundaries=fine_boundaries,
                 semantic_only=semantic_only, fill_holes=fill_holes_in_segmentation,
-                max_objects=str(maximum_objects_per_class).strip(), tile_size=int(tile_size),
+                max_objects=common.max_objects(maximum_objects_per_class, "Max objects per class"),
+                tile_size=int(tile_size),
             ).validated()
             _settings.apply_model_home()
             if batch_mode:

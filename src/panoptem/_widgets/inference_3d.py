@@ -96,16 +96,6 @@ def _target(layer: Image) -> _Target:
     return _Target(data, layer.name, scale[-3:], translate[-3:])
 
 
-def _max_objects(text) -> int:
-    try:
-        return int(str(text).strip())
-    except ValueError:
-        raise PanoptemError(
-            "Max objects per class in 3D must be 0 (number the objects 1..N) or a whole "
-            f"number >= 2 (e.g. 10000); got '{text}'."
-        ) from None
-
-
 def _add_layers(viewer, image_layer, target: _Target, result) -> list:
     """Add every result array as a Labels layer; show only the image and the last one."""
     names = result.layer_names(target.name)
@@ -322,7 +312,8 @@ class Inference3D(FunctionGui):
                           center_confidence_thr=float(center_confidence_thr),
                           min_distance=int(min_distance_object_centers),
                           fine_boundaries=fine_boundaries, semantic_only=semantic_only,
-                          max_objects=_max_objects(maximum_objects_per_class))
+                          max_objects=_common.max_objects(maximum_objects_per_class,
+                                                         "Max objects per class in 3D"))
             p3 = Params3D(median_size=int(median_slices), min_size=int(min_size),
                           min_extent=int(min_extent), max_objects=p2.max_objects,
                           plane=inference_plane, erode=int(label_erosion),

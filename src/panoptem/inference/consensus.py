@@ -39,14 +39,13 @@ Stuff classes (:func:`semantic_consensus`) are a plain voxel vote over the three
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from panoptem._params import whole_count
+from panoptem._params import as_whole, whole_count
 from panoptem.errors import PanoptemError
 from panoptem.inference._consensus_graph import label_rows, resolve_components
 from panoptem.inference.pipeline import ordered_map
@@ -87,18 +86,9 @@ def _check_inputs(views, vote_thr, chunk_depth, integer: bool) -> tuple[list, tu
                 raise PanoptemError(
                     f"consensus view {i} has dtype {v.dtype}; instance views must hold "
                     f"integer ids (convert with .astype(np.int32))")
-    try:
-        vote = operator.index(vote_thr)
-    except TypeError:
-        vote = None
-    if vote not in (1, 2, 3) or isinstance(vote_thr, bool):
+    if as_whole(vote_thr) not in (1, 2, 3):
         raise PanoptemError(f"Voxel Vote Thr Out of 3 must be 1, 2 or 3; got {vote_thr!r}")
-    try:
-        depth = operator.index(chunk_depth)
-    except TypeError:
-        depth = 0
-    if depth < 1:
-        raise PanoptemError(f"chunk_depth must be a positive integer; got {chunk_depth!r}")
+    whole_count("chunk_depth", chunk_depth, lo=1)
     return views, shapes[0]
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from panoptem._params import param
+from panoptem._params import as_whole, divisor_count, param, whole_count
 from panoptem.errors import PanoptemError
 from panoptem.inference import preprocess as pre
 from panoptem.inference.postprocess import (
@@ -96,33 +96,29 @@ class Params2D:
         return int(self.max_objects) or WORKING_DIVISOR
 
     def validated(self) -> Params2D:
-        """Return self, or raise PanoptemError naming the parameter to change."""
-        if self.downsampling not in DOWNSAMPLING_FACTORS:
+        """Return self with whole-number fields as ints (500.0 -> 500), or raise
+        PanoptemError naming the parameter to change."""
+        downsampling = as_whole(self.downsampling)
+        if downsampling not in DOWNSAMPLING_FACTORS:
             raise PanoptemError(
-                f"Image Downsampling must be one of {DOWNSAMPLING_FACTORS}; got {self.downsampling}."
+                f"Image Downsampling must be one of {DOWNSAMPLING_FACTORS}; got {self.downsampling!r}."
             )
         for name in ("confidence_thr", "center_confidence_thr"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise PanoptemError(f"{name} must lie between 0 and 1; got {v}.")
-        if int(self.min_distance) != self.min_distance or self.min_distance < 1:
-            raise PanoptemError(f"Centers Min Distance must be a whole number >= 1; got {self.min_distance}.")
-        try:
-            max_objects = int(self.max_objects)
-        except (TypeError, ValueError):
+            try:
+                ok = not isinstance(v, (bool, np.bool_, str)) and 0.0 <= v <= 1.0
+            except TypeError:
+                ok = False
+            if not ok:
+                raise PanoptemError(f"{name} must lie between 0 and 1; got {v!r}.")
+        min_distance = whole_count("Centers Min Distance", self.min_distance, lo=1)
+        max_objects = divisor_count("Max objects per class", self.max_objects)
+        tile_size = as_whole(self.tile_size)
+        if tile_size is None or tile_size < 0:
             raise PanoptemError(
-                "Max objects per class must be 0 (number the objects 1..N) or a whole number "
-                f">= 2; got {self.max_objects!r}."
-            ) from None
-        if max_objects == 1 or max_objects < 0 or max_objects != float(self.max_objects):
-            raise PanoptemError(
-                "Max objects per class must be 0 (number the objects 1..N) or a whole number "
-                f">= 2; got {self.max_objects}."
-            )
-        if int(self.tile_size) != self.tile_size or self.tile_size < 0:
-            raise PanoptemError(f"Tile size must be 0 (no tiling) or a positive whole number; got {self.tile_size}.")
-        return replace(self, max_objects=max_objects, min_distance=int(self.min_distance),
-                       tile_size=int(self.tile_size))
+                f"Tile size must be 0 (no tiling) or a positive whole number; got {self.tile_size!r}.")
+        return replace(self, downsampling=downsampling, max_objects=max_objects,
+                       min_distance=min_distance, tile_size=tile_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

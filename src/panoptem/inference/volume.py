@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from panoptem._params import param, whole_count
+from panoptem._params import as_whole, divisor_count, param, whole_count
 from panoptem.errors import Cancelled, PanoptemError
 from panoptem.inference import stack as st
 from panoptem.inference.engine import Engine2D, Params2D
@@ -89,22 +89,23 @@ class Params3D:
                                  "list of 3 integers.")
 
     def validated(self) -> Params3D:
-        if self.median_size not in MEDIAN_SIZES:
-            raise PanoptemError(f"Median Filter Size must be one of {MEDIAN_SIZES}; got {self.median_size}.")
-        if self.plane not in st.AXES:
+        """Return self with whole-number fields as ints (500.0 -> 500), or raise
+        PanoptemError naming the parameter to change."""
+        median_size = as_whole(self.median_size)
+        if median_size not in MEDIAN_SIZES:
+            raise PanoptemError(f"Median Filter Size must be one of {MEDIAN_SIZES}; got {self.median_size!r}.")
+        if not isinstance(self.plane, str) or self.plane not in st.AXES:
             raise PanoptemError(f"Inference plane must be xy, xz or yz; got {self.plane!r}.")
-        if self.vote_thr not in (1, 2, 3):
-            raise PanoptemError(f"Voxel Vote Thr Out of 3 must be 1, 2 or 3; got {self.vote_thr}.")
+        vote_thr = as_whole(self.vote_thr)
+        if vote_thr not in (1, 2, 3):
+            raise PanoptemError(f"Voxel Vote Thr Out of 3 must be 1, 2 or 3; got {self.vote_thr!r}.")
         counts = {name: whole_count(name, getattr(self, name), hi)
                   for name, hi in (("min_size", None), ("min_extent", None), ("erode", 50),
                                    ("dilate", 50))}
-        if int(self.max_objects) != self.max_objects or self.max_objects < 0 or self.max_objects == 1:
-            raise PanoptemError(
-                "Max objects per class in 3D must be 0 (number the objects 1..N) or a whole "
-                f"number >= 2; got {self.max_objects}."
-            )
+        max_objects = divisor_count("Max objects per class in 3D", self.max_objects)
         parse_chunks(self.chunk_size)
-        return replace(self, max_objects=int(self.max_objects), **counts)
+        return replace(self, median_size=median_size, vote_thr=vote_thr, max_objects=max_objects,
+                       **counts)
 
 
 def check_volume(volume):
@@ -203,30 +204,37 @@ def _zyx_index(axis: int, blk) -> tuple:
     return blk if axis == 0 else (y, z, x) if axis == 1 else (x, z, y)
 
 
+def _store_to_zyx(axis: int, idx) -> tuple:
+    """The ZYX index of block ``idx`` (store slices) of a slice-major store of the given
+    axis: the inverse of :func:`_zyx_index`."""
+    a, b, c = idx
+    return idx if axis == 0 else (b, a, c) if axis == 1 else (b, c, a)
+
+
 def _write_remapped(src, axis: int, mapping: dict, out, dtype, chunks, prog: Progress,
                     label: str = "writing") -> None:
     """Copy a slice-major store into a ZYX array, mapping ids (others -> 0).
 
-    An in-memory ``out`` is written in pieces of a few of the store's slices, at most
-    :data:`WRITE_PIECE_VOXELS` voxels, :data:`WRITE_THREADS` at once (``np.take`` leaves
-    the GIL): each piece is read and mapped where it lies in the store, then transposed into
-    place. A zarr ``out`` is written block by block (``chunks``).
+    An in-memory ``out`` is written in pieces of a few of the store's slices (or rows of
+    them), at most :data:`WRITE_PIECE_VOXELS` voxels, :data:`WRITE_THREADS` at once
+    (``np.take`` leaves the GIL): each piece is read and mapped where it lies in the store,
+    then transposed into place. A zarr ``out`` is written block by block (``chunks``).
     """
     keys = np.array(sorted(mapping), dtype=np.int64)
     vals = np.array([mapping[k] for k in keys.tolist()], dtype=dtype)
     id_map = _IdMap(keys, vals)
-    everything = slice(None)
     if isinstance(out, np.ndarray):
         n, h, w = src.shape
         depth = max(1, WRITE_PIECE_VOXELS // (h * w))
-        pieces = [slice(s0, min(s0 + depth, n)) for s0 in range(0, n, depth)]
+        if axis == 2:  # the yz store's slices are x: runs of at least 16 x (a cache line)
+            depth = min(n, max(depth, 16))
+        rows = max(1, WRITE_PIECE_VOXELS // (depth * w))
+        pieces = [(slice(s0, min(s0 + depth, n)), slice(r0, min(r0 + rows, h)), slice(None))
+                  for s0 in range(0, n, depth) for r0 in range(0, h, rows)]
         threads = min(WRITE_THREADS, len(pieces))
 
         def write(piece):
-            # the store's slices `piece` are ZYX slices `piece` of the axis the store is cut along
-            where = [everything] * 3
-            where[axis] = piece
-            out[tuple(where)] = _to_zyx(axis, id_map(np.asarray(src[piece])))
+            out[_store_to_zyx(axis, piece)] = _to_zyx(axis, id_map(np.asarray(src[piece])))
     else:
         pieces, threads = list(_blocks(out.shape, chunks)), 1
 

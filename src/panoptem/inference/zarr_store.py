@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from panoptem._params import whole_count
 from panoptem.errors import PanoptemError
 
 __all__ = ["parse_chunks", "VolumeOutput", "MemoryOutput", "ZarrOutput", "StoreInfo",
@@ -162,9 +163,7 @@ class MemoryOutput(VolumeOutput):
     """
 
     def __init__(self, slab: int = 64) -> None:
-        if int(slab) != slab or slab < 1:
-            raise PanoptemError(f"The slab depth must be a whole number >= 1; got {slab}.")
-        self.slab = int(slab)
+        self.slab = whole_count("The slab depth", slab, lo=1)
         self.info: StoreInfo | None = None
         self.run: dict = {}
         self._pending: dict = {}
