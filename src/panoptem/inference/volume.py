@@ -192,23 +192,26 @@ def _blocks(shape, chunks):
                        slice(x, min(x + chunks[2], shape[2])))
 
 
+#: Per stack axis, the store dimension that each ZYX dimension is: a slice-major store of
+#: axis 1 is (Y, Z, X), of axis 2 (X, Z, Y).
+_ZYX_DIMS = {0: (0, 1, 2), 1: (1, 0, 2), 2: (1, 2, 0)}
+
+
 def _to_zyx(axis: int, block: np.ndarray) -> np.ndarray:
     """A block of a slice-major store of the given axis, as ZYX (a view)."""
-    return block if axis == 0 else block.transpose((1, 0, 2) if axis == 1 else (1, 2, 0))
+    return block.transpose(_ZYX_DIMS[axis])
 
 
 def _zyx_index(axis: int, blk) -> tuple:
     """The store index of block ``blk`` (ZYX slices) of a slice-major store of the given
     axis."""
-    z, y, x = blk
-    return blk if axis == 0 else (y, z, x) if axis == 1 else (x, z, y)
+    dims = _ZYX_DIMS[axis]
+    return tuple(blk[dims.index(d)] for d in range(3))
 
 
 def _store_to_zyx(axis: int, idx) -> tuple:
-    """The ZYX index of block ``idx`` (store slices) of a slice-major store of the given
-    axis: the inverse of :func:`_zyx_index`."""
-    a, b, c = idx
-    return idx if axis == 0 else (b, a, c) if axis == 1 else (b, c, a)
+    """The ZYX index of block ``idx`` (store slices): the inverse of :func:`_zyx_index`."""
+    return tuple(idx[d] for d in _ZYX_DIMS[axis])
 
 
 def _write_remapped(src, axis: int, mapping: dict, out, dtype, chunks, prog: Progress,
