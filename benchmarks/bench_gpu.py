@@ -2,22 +2,24 @@
 
 For each case (a model and a volume) it runs stack and ortho-plane inference
 (``Engine3D.segment``) in the ways of :data:`VARIANTS`: ``on``, the default on a GPU (the
-forward passes run ahead in a thread of their own, several slices are post-processed at
-once, an ortho-plane run starts each stack once the forward passes of the one before are
-done: ``Engine3D.segment(overlap=True)``, ``post`` from ``post_workers``); ``post1``, the same
-with one slice post-processed at a time; ``off``, everything in one thread; and two
-candidates for the default, both as ``on`` otherwise: ``cpu``, the forward thread copies
-each slice's outputs to the CPU, so that the post-processing never queues work behind the
-forward passes on the GPU's one default stream; ``stream``, the forward passes run on a
-CUDA stream of their own (the post-processing stays on the GPU). It also runs the
+forward passes run ahead in a thread of their own, which copies each slice's outputs to the
+CPU, where several slices are post-processed at once; an ortho-plane run starts each stack
+once the forward passes of the one before are done: ``Engine3D.segment(overlap=True)``,
+``post`` from ``post_workers``, ``to_host`` from ``outputs_to_host``); ``post1``, the same
+with one slice post-processed at a time; ``off``, everything in one thread; and the two
+ways that keep the post-processing on the GPU, as ``on`` otherwise: ``device``, the outputs
+stay where the forward passes left them (``segment_stack(to_host=False)``, the default
+before 2026-12-05: every thread queues its work on the GPU's one default stream, so each
+read of a post-processing result waits for the forward passes queued before it);
+``stream``, the same with the forward passes on a CUDA stream of their own. It also runs the
 same forward passes alone (every slice of every plane through ``Engine2D.outputs_batch``,
 read and normalised as ``segment_stack`` does). It reports, per way of running,
 
 - ``wall_<way>_s``: the whole ``segment`` call (post-processing, matching, consensus, writing),
 - ``share_<way>``: ``forward_s / wall``, the forward passes' share of the wall time,
-- ``same_<way>``: whether its labels equal those of ``on`` (they must; ``cpu``
-  post-processes with the CPU's kernels, and where it differs ``agree_cpu`` gives its
-  agreement with ``on``),
+- ``same_<way>``: whether its labels equal those of ``on`` (they must; ``device`` and
+  ``stream`` post-process with the GPU's kernels, and where they differ ``agree_<way>``
+  gives their agreement with ``on``),
 
 and ``forward_s``, the model calls alone, each synchronised, summed over the forward-only run.
 
@@ -95,13 +97,6 @@ def forward_only(engine2d, volume, axes, params2d) -> dict:
     return {"forward_s": engine2d.timings["forward"], "loop_s": time.perf_counter() - t0, "slices": n}
 
 
-def outputs_on_cpu(plain):
-    """``Engine2D.outputs_batch`` whose outputs are copied to the CPU in the calling thread."""
-    def outputs_batch(images, params):
-        return [tuple(t.cpu() for t in out) for out in plain(images, params)]
-    return outputs_batch
-
-
 def outputs_on_own_stream(plain, device):
     """``Engine2D.outputs_batch`` run on a CUDA stream of its own; the outputs are complete
     when it returns and are marked as used by the device's default stream, where the
@@ -129,18 +124,17 @@ def outputs_on_own_stream(plain, device):
 def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = None,
             max_objects: int = 10000, outputs: str | None = None):
     """``Engine3D.segment`` with ``overlap`` and the stack loop's ``post`` (slices
-    post-processed at once) forced; ``post`` None keeps the default. ``outputs``: None, or
-    "cpu" or "stream" for the model outputs of :func:`outputs_on_cpu` or
-    :func:`outputs_on_own_stream`."""
+    post-processed at once) forced; ``post`` None keeps the default. ``outputs``: None (the
+    default), "device" (the outputs stay on the GPU) or "stream" (the same, computed by
+    :func:`outputs_on_own_stream`)."""
     from panoptem.inference import stack as st
     from panoptem.inference.volume import Params3D
 
     plain = st.segment_stack
-    st.segment_stack = functools.partial(plain, post=post)
+    kept = {"to_host": False} if outputs in ("device", "stream") else {}
+    st.segment_stack = functools.partial(plain, post=post, **kept)
     e2d = engine3d.engine2d
-    if outputs == "cpu":  # wrapped in an attribute of the engine, removed again below
-        e2d.outputs_batch = outputs_on_cpu(e2d.outputs_batch)
-    elif outputs == "stream":
+    if outputs == "stream":  # wrapped in an attribute of the engine, removed again below
         e2d.outputs_batch = outputs_on_own_stream(e2d.outputs_batch, e2d.device)
     try:
         _sync()
@@ -156,9 +150,10 @@ def segment(engine3d, volume, ortho: bool, overlap: bool, post: int | None = Non
 
 #: The ways a case runs: forward passes overlapped with several slices post-processed at
 #: once (the default on a GPU), overlapped with one slice at a time, all in one thread, and
-#: the default with the outputs copied to the CPU or computed on a stream of their own.
+#: the default with the post-processing on the GPU, its outputs computed on the default
+#: stream or on a stream of their own.
 VARIANTS = {"on": (True, None, None), "post1": (True, 1, None), "off": (False, 1, None),
-            "cpu": (True, None, "cpu"), "stream": (True, None, "stream")}
+            "device": (True, None, "device"), "stream": (True, None, "stream")}
 
 
 def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
@@ -192,8 +187,8 @@ def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
                 first = labels
             else:  # the way of running changes the time only
                 row[f"same_{key}"] = bool(np.array_equal(labels, first))
-                if key == "cpu" and not row["same_cpu"]:
-                    row["agree_cpu"] = agreement(first, labels)
+                if key in ("device", "stream") and not row[f"same_{key}"]:
+                    row[f"agree_{key}"] = agreement(first, labels)
             if key == "on":
                 row["objects"] = int(res.classes["mito"].max())
                 if keep:

@@ -346,17 +346,18 @@ class CancelAfter(Progress):
             self.cancel()
 
 
-@pytest.mark.parametrize("overlap, workers, batch, post", [(False, 1, 1, 1), (True, 1, 1, 1),
-                                                           (None, 2, 1, 1), (None, 2, 2, 1),
-                                                           (None, 1, 2, 1), (True, 1, 1, 3)])
+@pytest.mark.parametrize("overlap, workers, batch, post, to_host",
+                         [(False, 1, 1, 1, None), (True, 1, 1, 1, None), (None, 2, 1, 1, None),
+                          (None, 2, 2, 1, None), (None, 1, 2, 1, None), (True, 1, 1, 3, None),
+                          (True, 1, 1, 3, True)])  # the last as on a GPU
 def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap, workers, batch,
-                                                post):
+                                                post, to_host):
     vol = np.ascontiguousarray(em_volume[:8, :64, :64])
     params = Params2D().validated()
     engine = Engine2D(small_config)
     with pytest.raises(Cancelled):
         segment_stack(engine, vol, params, median_size=1, progress=CancelAfter(2), overlap=overlap,
-                      workers=workers, batch=batch, post=post)
+                      workers=workers, batch=batch, post=post, to_host=to_host)
     assert not _ahead_threads()
 
     class Broken(Engine2D):
@@ -369,7 +370,7 @@ def test_cancel_and_model_error_leave_no_thread(small_config, em_volume, overlap
 
     with pytest.raises(RuntimeError, match="slice 4"):
         segment_stack(Broken(small_config), vol, params, median_size=1, overlap=overlap,
-                      workers=workers, batch=batch, post=post)
+                      workers=workers, batch=batch, post=post, to_host=to_host)
     assert not _ahead_threads()
 
 
@@ -417,6 +418,72 @@ def test_gpus_post_process_several_slices_at_once(small_config, monkeypatch):
     for cores, count in [(5, 3), (3, 1), (2, 1), (None, 1)]:
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert post_workers(engine) == count
+
+
+class CentresSeen(Engine2D):
+    """A real engine that keeps the centre heat map each post-processing call receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.centres: list = []
+
+    def panoptic_codes(self, probs, ctr, off, p, shape):
+        self.centres.append(ctr)
+        return super().panoptic_codes(probs, ctr, off, p, shape)
+
+
+def test_on_a_gpu_the_forward_thread_copies_the_outputs_to_the_cpu(small_config, em_volume,
+                                                                  monkeypatch):
+    """On a GPU, the thread that runs the forward passes copies each slice's outputs to the
+    CPU (``to_host``), and the post-processing threads get those copies; a CPU engine's
+    outputs go on as they are. The result is the same either way."""
+    import torch
+
+    from panoptem.inference import stack as st
+
+    assert not st.outputs_to_host(Engine2D(small_config))
+    gpu = Engine2D(small_config)
+    gpu.device = torch.device("cuda")  # the choice only; nothing runs
+    assert st.outputs_to_host(gpu)
+
+    copies, threads = [], set()
+    plain = st._to_host
+
+    def watched(outs, device):  # fresh tensors, kept to be recognised downstream
+        threads.add(threading.current_thread().name)
+        host = [tuple(t.clone() for t in out) for out in plain(outs, device)]
+        copies.extend(t for out in host for t in out)
+        return host
+
+    monkeypatch.setattr(st, "_to_host", watched)
+    vol = np.ascontiguousarray(em_volume[:6, :64, :64])
+    params = Params2D().validated()
+    seen = CentresSeen(small_config)
+    res = segment_stack(seen, vol, params, overlap=True, post=2, to_host=True)
+    assert threads == {"panoptem-model-xy"}
+    assert len(seen.centres) == 6
+    assert all(any(c is t for t in copies) for c in seen.centres)
+
+    copies.clear()
+    ref = segment_stack(CentresSeen(small_config), vol, params, overlap=True, post=2)
+    assert not copies  # a CPU engine's default: no copies
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0 and res.stats == ref.stats
+    assert not _ahead_threads()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_stack_post_processes_on_the_cpu_with_the_same_result(small_config, em_volume):
+    vol = np.ascontiguousarray(em_volume[:8, :64, :64])
+    params = Params2D().validated()
+    seen = CentresSeen(small_config, device="cuda")
+    res = segment_stack(seen, vol, params)
+    assert {c.device.type for c in seen.centres} == {"cpu"}
+    on_gpu = CentresSeen(small_config, device="cuda")
+    ref = segment_stack(on_gpu, vol, params, to_host=False)
+    assert {c.device.type for c in on_gpu.centres} == {"cuda"}
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.stats == ref.stats
 
 
 # -- ortho-plane: the next stack's forward passes begin while the stack before finishes --------

@@ -40,7 +40,8 @@ from panoptem.overlap import pair_counts
 from panoptem.progress import Progress, ensure_progress
 
 __all__ = ["AXES", "read_slice", "slice_shape", "volume_intensity_range", "median_filtered",
-           "StackResult", "segment_stack", "slice_workers", "slice_batch", "post_workers"]
+           "StackResult", "segment_stack", "slice_workers", "slice_batch", "post_workers",
+           "outputs_to_host"]
 
 AXES = {"xy": 0, "xz": 1, "yz": 2}
 
@@ -376,6 +377,45 @@ def post_workers(engine) -> int:
     return max(1, min(MAX_POST_WORKERS, (os.cpu_count() or 1) - 2))
 
 
+def outputs_to_host(engine) -> bool:
+    """Whether the thread that runs the forward passes copies each slice's model outputs to
+    the CPU, where its post-processing then runs: on a GPU, yes; on a CPU they are there.
+
+    Post-processing the outputs where they lie, on the GPU, costs the stacks their overlap:
+    it reads its results back to the CPU three times per slice (the semantic classes, the
+    centres, the offsets), and each read waits for everything queued on the GPU's stream
+    before it, which is mostly the next slices' forward passes; the forward thread in turn
+    waits for the post-processing's kernels. Copied once, right after the forward pass (its
+    thread waits for that pass in any case), the outputs leave the GPU to the forward
+    passes alone, and the CPU work (which does the grouping, connected components and
+    matching on the CPU either way) runs beside them, as ``benchmarks/bench_overlap.py``
+    measures. The post-processing that moves to the CPU is small: a median of three
+    slices, a threshold and a max-pool on the 1/4 grid. See ``benchmarks/README.md``.
+    """
+    return engine.device.type != "cpu"
+
+
+def _to_host(outs: list[tuple], device: torch.device) -> list[tuple]:
+    """``outs`` (per slice, a tuple of tensors) on the CPU. From a GPU the copies are queued
+    together on this thread's stream and waited for once (they are complete then); CPU
+    tensors are returned as they are."""
+    cuda = device.type == "cuda"
+    host = [tuple(t.to("cpu", non_blocking=cuda) for t in out) for out in outs]
+    if cuda:  # the non-blocking copies are complete only after this
+        torch.cuda.current_stream(device).synchronize()
+    return host
+
+
+def _on_host(items: Iterator[tuple], device: torch.device) -> Iterator[tuple]:
+    """Each item of ``items`` through :func:`_to_host`; closing this closes ``items``."""
+    try:
+        for out in items:
+            yield _to_host([out], device)[0]
+    finally:
+        if hasattr(items, "close"):
+            items.close()
+
+
 def slice_batch(engine, shape: tuple[int, int], params) -> int:
     """How many consecutive slices of ``shape`` go through the model in one call: 2 or 1.
 
@@ -431,7 +471,8 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
                   value_range=None, store=None, outputs: Iterator | None = None,
                   progress: Progress | None = None, overlap: bool | None = None,
                   workers: int | None = None, batch: int | None = None,
-                  post: int | None = None, outputs_done=None) -> StackResult:
+                  post: int | None = None, outputs_done=None,
+                  to_host: bool | None = None) -> StackResult:
     """Infer, median-filter, post-process and match every slice along ``axis``.
 
     Parameters
@@ -474,6 +515,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         slices may still be post-processed and matched: the device is free for other work
         from then on (an ortho-plane run starts its next stack). It runs in the thread
         that computes the outputs with ``overlap``, else in the calling thread.
+    to_host : bool, optional
+        Copy each slice's model outputs to the CPU in the thread that computes them, so
+        that the post-processing runs on the CPU (``outputs`` given too are copied, in the
+        thread that reads them). Default :func:`outputs_to_host`: on a GPU.
 
     Returns
     -------
@@ -527,6 +572,8 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     if overlap is None:
         overlap = engine.device.type != "cpu"
     source = outputs if outputs is not None else model_outputs()
+    if outputs_to_host(engine) if to_host is None else to_host:  # in the thread that makes them
+        source = _on_host(source, engine.device)
     if outputs_done is not None:
         source = _then(source, outputs_done)
     # with overlap, the forward passes run ahead while the loop below post-processes
