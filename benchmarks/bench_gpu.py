@@ -109,9 +109,9 @@ def outputs_on_own_stream(plain, device):
     stream = torch.cuda.Stream(device)
     consumer = torch.cuda.default_stream(device)
 
-    def outputs_batch(images, params):
+    def outputs_batch(images, params, wait=True):  # waits for its stream in any case
         with torch.cuda.stream(stream):
-            outs = plain(images, params)
+            outs = plain(images, params, wait)
         stream.synchronize()
         for out in outs:
             for t in out:

@@ -447,15 +447,16 @@ def test_on_a_gpu_the_forward_thread_copies_the_outputs_to_the_cpu(small_config,
     assert st.outputs_to_host(gpu)
 
     copies, threads = [], set()
-    plain = st._to_host
+    plain = st._queued
 
-    def watched(outs, device):  # fresh tensors, kept to be recognised downstream
-        threads.add(threading.current_thread().name)
-        host = [tuple(t.clone() for t in out) for out in plain(outs, device)]
-        copies.extend(t for out in host for t in out)
-        return host
+    def watched(forward, groups, device):  # fresh tensors, kept to be recognised downstream
+        for outs in plain(forward, groups, device):
+            threads.add(threading.current_thread().name)
+            host = [tuple(t.clone() for t in out) for out in outs]
+            copies.extend(t for out in host for t in out)
+            yield host
 
-    monkeypatch.setattr(st, "_to_host", watched)
+    monkeypatch.setattr(st, "_queued", watched)
     vol = np.ascontiguousarray(em_volume[:6, :64, :64])
     params = Params2D().validated()
     seen = CentresSeen(small_config)
@@ -470,6 +471,41 @@ def test_on_a_gpu_the_forward_thread_copies_the_outputs_to_the_cpu(small_config,
     np.testing.assert_array_equal(res.store, ref.store)
     assert res.store.max() > 0 and res.stats == ref.stats
     assert not _ahead_threads()
+
+
+class Steps(Engine2D):
+    """A real engine that notes its forward passes (whether they were waited for) and
+    post-processing calls in the order they happen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[tuple] = []
+
+    def heads_batch(self, images, downsampling=1, fine_boundaries=False, wait=True):
+        self.steps.append(("forward", sum(s[0] == "forward" for s in self.steps), wait))
+        return super().heads_batch(images, downsampling, fine_boundaries, wait)
+
+    def panoptic_codes(self, probs, ctr, off, p, shape):
+        self.steps.append(("post", sum(s[0] == "post" for s in self.steps)))
+        return super().panoptic_codes(probs, ctr, off, p, shape)
+
+
+def test_with_copies_to_the_cpu_the_next_forward_pass_is_queued_first(small_config, em_volume):
+    """With ``to_host`` (on a GPU) each slice's outputs are handed on only once the next
+    slice's forward pass, not waited for, is queued: the GPU never waits for the thread
+    that feeds it. Shown in one thread, where the order of the steps is fixed."""
+    vol = np.ascontiguousarray(em_volume[:5, :64, :64])
+    params = Params2D().validated()
+    queued = Steps(small_config)
+    res = segment_stack(queued, vol, params, median_size=1, overlap=False, to_host=True)
+    f, p = ("forward",), ("post",)
+    assert queued.steps == [f + (0, False), f + (1, False), p + (0,), f + (2, False), p + (1,),
+                            f + (3, False), p + (2,), f + (4, False), p + (3,), p + (4,)]
+    waited = Steps(small_config)
+    ref = segment_stack(waited, vol, params, median_size=1, overlap=False, to_host=False)
+    assert waited.steps == [s for i in range(5) for s in (f + (i, True), p + (i,))]
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0 and res.stats == ref.stats
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")

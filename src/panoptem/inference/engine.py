@@ -124,6 +124,13 @@ class Params2D:
         return asdict(self)
 
 
+def _pinned(x: torch.Tensor, cuda: bool) -> torch.Tensor:
+    """``x`` in pinned memory where it goes from the CPU to a CUDA GPU: its copy is then
+    queued on the stream like a kernel, where one from pageable memory may wait for the
+    work queued before it."""
+    return x.pin_memory() if cuda and x.device.type == "cpu" else x
+
+
 class Engine2D:
     """Runs a model on 2D images with the original's 2D parameters.
 
@@ -179,17 +186,22 @@ class Engine2D:
         return self.heads_batch([x255], downsampling, fine_boundaries)[0]
 
     def heads_batch(self, images: list[torch.Tensor], downsampling: int = 1,
-                    fine_boundaries: bool = False) -> list[tuple]:
+                    fine_boundaries: bool = False, wait: bool = True) -> list[tuple]:
         """Model outputs for several images of one shape, in one forward pass.
 
         Each image's outputs are those of :meth:`heads`: the model treats the images of a
         batch independently (eval mode), so only the order of floating-point sums inside
         its kernels can differ.
+
+        On a GPU this waits for the forward pass (its time goes to ``timings["forward"]``)
+        unless ``wait`` is False: the outputs are then still being computed on this
+        thread's CUDA stream, and only work queued on that stream may use them.
         """
         shapes = {tuple(x.shape) for x in images}
         if len(shapes) != 1:
             raise ValueError(f"the images of one forward pass must share a shape, not {sorted(shapes)}")
-        xs = [pre.downsample(x.to(self.device, non_blocking=True)[None, None], downsampling)
+        cuda = self.device.type == "cuda"
+        xs = [pre.downsample(_pinned(x, cuda).to(self.device, non_blocking=True)[None, None], downsampling)
               for x in images]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         x = pre.pad_to_factor(pre.normalize(x, self.norms), self.padding_factor)
@@ -197,9 +209,10 @@ class Engine2D:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.loaded.module(x, render_steps, bool(fine_boundaries))
-            if self.device.type == "cuda":  # this thread's stream, not the whole device
+            if cuda and wait:  # this thread's stream, not the whole device
                 torch.cuda.current_stream(self.device).synchronize()
-        self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t0
+        if wait:
+            self.timings["forward"] = self.timings.get("forward", 0.0) + time.perf_counter() - t0
         try:
             sem, ctr, off = out["sem_logits"], out["ctr_hmp"], out["offsets"]
             return [(sem[i], ctr[i, 0], off[i]) for i in range(len(xs))]
@@ -214,10 +227,11 @@ class Engine2D:
         sem, ctr, off = self.heads(x255, p.downsampling, p.fine_boundaries)
         return semantic_probabilities(sem), ctr, off
 
-    def outputs_batch(self, images: list[torch.Tensor], p: Params2D) -> list[tuple]:
-        """:meth:`outputs` of several images of one shape, in one forward pass."""
+    def outputs_batch(self, images: list[torch.Tensor], p: Params2D, wait: bool = True) -> list[tuple]:
+        """:meth:`outputs` of several images of one shape, in one forward pass (``wait``:
+        see :meth:`heads_batch`)."""
         return [(semantic_probabilities(sem), ctr, off)
-                for sem, ctr, off in self.heads_batch(images, p.downsampling, p.fine_boundaries)]
+                for sem, ctr, off in self.heads_batch(images, p.downsampling, p.fine_boundaries, wait)]
 
     def panoptic(self, probs: torch.Tensor, ctr: torch.Tensor, off: torch.Tensor, p: Params2D,
                  shape: tuple[int, int]) -> np.ndarray:

@@ -385,11 +385,11 @@ def outputs_to_host(engine) -> bool:
     it reads its results back to the CPU three times per slice (the semantic classes, the
     centres, the offsets), and each read waits for everything queued on the GPU's stream
     before it, which is mostly the next slices' forward passes; the forward thread in turn
-    waits for the post-processing's kernels. Copied once, right after the forward pass (its
-    thread waits for that pass in any case), the outputs leave the GPU to the forward
-    passes alone, and the CPU work (which does the grouping, connected components and
-    matching on the CPU either way) runs beside them, as ``benchmarks/bench_overlap.py``
-    measures. The post-processing that moves to the CPU is small: a median of three
+    waits for the post-processing's kernels. Copied once, queued right behind the forward
+    pass, the outputs leave the GPU to the forward passes alone (:func:`_queued` queues the
+    next slice's pass before it waits for the copies), and the CPU work (which does the
+    grouping, connected components and matching on the CPU either way) runs beside them,
+    as ``benchmarks/bench_overlap.py`` measures. The post-processing that moves to the CPU is small: a median of three
     slices, a threshold and a max-pool on the 1/4 grid. See ``benchmarks/README.md``.
     """
     return engine.device.type != "cpu"
@@ -398,11 +398,37 @@ def outputs_to_host(engine) -> bool:
 def _to_host(outs: list[tuple], device: torch.device) -> list[tuple]:
     """``outs`` (per slice, a tuple of tensors) on the CPU. From a GPU the copies are queued
     together on this thread's stream and waited for once (they are complete then); CPU
-    tensors are returned as they are."""
+    tensors are returned as they are. For outputs computed elsewhere (``segment_stack(
+    outputs=)``); the engine's own go through :func:`_queued`."""
     cuda = device.type == "cuda"
     host = [tuple(t.to("cpu", non_blocking=cuda) for t in out) for out in outs]
     if cuda:  # the non-blocking copies are complete only after this
         torch.cuda.current_stream(device).synchronize()
+    return host
+
+
+def _queued(forward, groups: Iterator[list], device: torch.device) -> Iterator[list[tuple]]:
+    """``forward(group, False)`` of each group (its model outputs, not waited for), copied
+    to the CPU. A group's outputs are handed on once the next group's forward pass is
+    queued behind their copies, and the copies are done: the GPU goes from one forward
+    pass to the next without waiting for this thread. On a CPU, the same order."""
+    cuda = device.type == "cuda"
+    pending = None
+    for group in groups:
+        host = [tuple(t.to("cpu", non_blocking=cuda) for t in out) for out in forward(group, False)]
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record(torch.cuda.current_stream(device))
+        if pending is not None:
+            yield _copied(*pending)
+        pending = host, done
+    if pending is not None:
+        yield _copied(*pending)
+
+
+def _copied(host: list[tuple], done) -> list[tuple]:
+    if done is not None:  # the copies queued before this event are complete
+        done.synchronize()
     return host
 
 
@@ -537,8 +563,8 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         for i in range(n):
             yield pre.check_image_2d(read_slice(volume, a, i), f"slice {i}")
 
-    def forward(images):  # `batch` consecutive slices (fewer at the end) in one call
-        return engine.outputs_batch([pre.to_unit_range(im, value_range) for im in images], params)
+    def forward(images, wait=True):  # `batch` consecutive slices (fewer at the end) in one call
+        return engine.outputs_batch([pre.to_unit_range(im, value_range) for im in images], params, wait)
 
     if outputs is not None:
         workers = batch = 1
@@ -550,6 +576,7 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         raise ValueError(f"workers and batch must be at least 1, not {workers} and {batch}")
     threads = torch.get_num_threads()
     share = max(1, threads // workers)
+    to_host = outputs_to_host(engine) if to_host is None else to_host
 
     def model_outputs():
         images = ahead(slices(), name=f"panoptem-read-{axis}")
@@ -557,6 +584,8 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
         if workers > 1:
             results = ordered_map(forward, groups, workers, name=f"panoptem-model-{axis}",
                                   initializer=lambda: torch.set_num_threads(share))
+        elif to_host:  # each forward pass is queued before the outputs of the one before are read
+            results = _queued(forward, groups, engine.device)
         else:
             results = map(forward, groups)
         try:
@@ -571,9 +600,10 @@ def segment_stack(engine, volume, params, *, axis: str = "xy", median_size: int 
     next_label = {c: c * div + 1 for c in things}
     if overlap is None:
         overlap = engine.device.type != "cpu"
-    source = outputs if outputs is not None else model_outputs()
-    if outputs_to_host(engine) if to_host is None else to_host:  # in the thread that makes them
-        source = _on_host(source, engine.device)
+    if outputs is None:
+        source = model_outputs()
+    else:  # copied in the thread that reads them
+        source = _on_host(outputs, engine.device) if to_host else outputs
     if outputs_done is not None:
         source = _then(source, outputs_done)
     # with overlap, the forward passes run ahead while the loop below post-processes
