@@ -114,20 +114,23 @@ def median_filtered(items: Iterator, size: int) -> Iterator:
             return
         while window[0][0] < i_next - r:
             window.popleft()
-        probs = torch.stack([item[0] for _, item in window])
         centre = next(item for j, item in window if j == i_next)
-        yield (_median(probs), *centre[1:])
+        yield (_median([item[0] for _, item in window]), *centre[1:])
         i_next += 1
 
 
-def _median(stack: torch.Tensor) -> torch.Tensor:
-    n = stack.shape[0]
+def _median(probs: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise median of tensors of one shape (of an even count, the mean of the
+    two middle values)."""
+    n = len(probs)
+    if n == 1:
+        return probs[0]
     if n == 2:
-        return (stack[0] + stack[1]) / 2
-    if n == 3:  # the middle value without a sort: 0.03 against 0.78 ms for 3 x 256² on a CPU
-        a, b, c = stack
+        return (probs[0] + probs[1]) / 2
+    if n == 3:  # the middle value without a sort or a stacked copy: 0.03 against 0.78 ms
+        a, b, c = probs  # (sorted) for 3 x 256² on a CPU
         return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
-    srt = stack.sort(dim=0).values
+    srt = torch.stack(probs).sort(dim=0).values
     if n % 2:
         return srt[n // 2]
     return (srt[n // 2 - 1] + srt[n // 2]) / 2
