@@ -201,7 +201,9 @@ class Engine2D:
         if len(shapes) != 1:
             raise ValueError(f"the images of one forward pass must share a shape, not {sorted(shapes)}")
         cuda = self.device.type == "cuda"
-        xs = [pre.downsample(_pinned(x, cuda).to(self.device, non_blocking=True)[None, None], downsampling)
+        # non-blocking only where the source is pinned: on other devices (MPS) a copy from
+        # pageable memory may still read it once the list of images is gone
+        xs = [pre.downsample(_pinned(x, cuda).to(self.device, non_blocking=cuda)[None, None], downsampling)
               for x in images]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         x = pre.pad_to_factor(pre.normalize(x, self.norms), self.padding_factor)

@@ -73,7 +73,10 @@ class TrainResult:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    # non-blocking only to CUDA, from the loader's pinned memory: a non-blocking copy from
+    # pageable memory to MPS may read its source after it is freed
+    fast = torch.device(device).type == "cuda"
+    return {k: (v.to(device, non_blocking=fast) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def train(model: torch.nn.Module, dataset, *, iterations: int, batch_size: int = 16,
