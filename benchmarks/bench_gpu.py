@@ -21,7 +21,10 @@ read and normalised as ``segment_stack`` does). It reports, per way of running,
   ``stream`` post-process with the GPU's kernels, and where they differ ``agree_<way>``
   gives their agreement with ``on``),
 
-and ``forward_s``, the model calls alone, each synchronised, summed over the forward-only run.
+and ``forward_s``, the model calls alone, each synchronised, summed over the forward-only run,
+and ``model_syncs``, how often one forward pass, not waited for, still makes the CPU wait for
+the GPU inside the model (:func:`hidden_syncs`; each wait costs the queued forward passes
+their head start).
 
 It also runs the bundled model on the CPU and reports the agreement of the GPU's results
 with the CPU's (instance F1 at IoU 0.5, foreground IoU), and of bfloat16 with float32.
@@ -95,6 +98,32 @@ def forward_only(engine2d, volume, axes, params2d) -> dict:
             n += 1
     _sync()
     return {"forward_s": engine2d.timings["forward"], "loop_s": time.perf_counter() - t0, "slices": n}
+
+
+def hidden_syncs(engine2d, volume, params2d) -> int | None:
+    """How many times one slice's forward pass, not waited for (``outputs_batch(wait=False)``,
+    as the stacks queue them), makes the CPU wait for the GPU inside the model: each such
+    wait empties the queue that the stacks keep filled. None on a CPU."""
+    import warnings
+
+    import torch
+
+    from panoptem.inference import preprocess as pre
+    from panoptem.inference import stack as st
+
+    if not torch.cuda.is_available():
+        return None
+    image = pre.to_unit_range(st.read_slice(volume, 0, 0), st.volume_intensity_range(volume))
+    _sync()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine2d.outputs_batch([image], params2d, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _sync()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def outputs_on_own_stream(plain, device):
@@ -175,7 +204,8 @@ def run_case(model: str, vol_name: str, volume, modes, device: str, cache: Path,
         fo = forward_only(engine.engine2d, volume, axes, p2)
         row = {"model": model, "volume": vol_name, "mode": mode, "precision": precision,
                "slices": fo["slices"], "forward_s": round(fo["forward_s"], 3),
-               "forward_loop_s": round(fo["loop_s"], 3)}
+               "forward_loop_s": round(fo["loop_s"], 3),
+               "model_syncs": hidden_syncs(engine.engine2d, volume, p2)}
         for key, (overlap, post, outputs) in VARIANTS.items():
             # random weights find many objects in the tiled volume
             res, wall = segment(engine, volume, mode == "ortho", overlap, post,

@@ -392,20 +392,20 @@ def outputs_to_host(engine) -> bool:
     pass, the outputs leave the GPU to the forward passes alone (:func:`_queued` queues the
     next slice's pass before it waits for the copies), and the CPU work (which does the
     grouping, connected components and matching on the CPU either way) runs beside them,
-    as ``benchmarks/bench_overlap.py`` measures. The post-processing that moves to the CPU is small: a median of three
-    slices, a threshold and a max-pool on the 1/4 grid. See ``benchmarks/README.md``.
+    as ``benchmarks/bench_overlap.py`` measures. The post-processing that moves to the CPU
+    is small: a median of three slices, a threshold and a max-pool on the 1/4 grid. See
+    ``benchmarks/README.md``.
     """
     return engine.device.type != "cpu"
 
 
-def _to_host(outs: list[tuple], device: torch.device) -> list[tuple]:
+def _to_host(outs: list[tuple], device: torch.device, wait: bool = True) -> list[tuple]:
     """``outs`` (per slice, a tuple of tensors) on the CPU. From a GPU the copies are queued
-    together on this thread's stream and waited for once (they are complete then); CPU
-    tensors are returned as they are. For outputs computed elsewhere (``segment_stack(
-    outputs=)``); the engine's own go through :func:`_queued`."""
+    together on this thread's stream and, with ``wait``, waited for once (they are complete
+    then; else they are only queued); CPU tensors are returned as they are."""
     cuda = device.type == "cuda"
     host = [tuple(t.to("cpu", non_blocking=cuda) for t in out) for out in outs]
-    if cuda:  # the non-blocking copies are complete only after this
+    if cuda and wait:
         torch.cuda.current_stream(device).synchronize()
     return host
 
@@ -418,8 +418,8 @@ def _queued(forward, groups: Iterator[list], device: torch.device) -> Iterator[l
     cuda = device.type == "cuda"
     pending = None
     for group in groups:
-        host = [tuple(t.to("cpu", non_blocking=cuda) for t in out) for out in forward(group, False)]
-        done = torch.cuda.Event() if cuda else None
+        host = _to_host(forward(group, False), device, wait=False)
+        done = torch.cuda.Event(blocking=True) if cuda else None  # its wait sleeps, not spins
         if done is not None:
             done.record(torch.cuda.current_stream(device))
         if pending is not None:
@@ -436,7 +436,8 @@ def _copied(host: list[tuple], done) -> list[tuple]:
 
 
 def _on_host(items: Iterator[tuple], device: torch.device) -> Iterator[tuple]:
-    """Each item of ``items`` through :func:`_to_host`; closing this closes ``items``."""
+    """Each item of ``items`` (model outputs computed elsewhere) through :func:`_to_host`;
+    closing this closes ``items``."""
     try:
         for out in items:
             yield _to_host([out], device)[0]
