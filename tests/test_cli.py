@@ -473,3 +473,88 @@ def test_segment3d_bfloat16_and_its_refusals(tmp_path, registered, em_volume_tif
                    "--precision", "bfloat16", *extra])
         assert rc == 2 and match in capsys.readouterr().err, extra
         assert not out.exists()
+
+
+# -- bad input to the label tools, the demo and the block options --------------------------
+@pytest.mark.parametrize("case, match", [
+    ("rgb", "looks like an RGB(A) picture"), ("4d", "give a 2D label image"),
+    ("float", "non-integer values"), ("empty", "is empty"), ("negative", "negative values"),
+])
+def test_count_and_filter_refuse_what_is_no_label_image(tmp_path, capsys, case, match):
+    rng = np.random.default_rng(0)
+    arrays = {"rgb": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+              "4d": rng.integers(0, 5, (2, 3, 16, 16), dtype=np.uint8),
+              "float": np.full((16, 16), 0.5, np.float32), "empty": np.zeros((0, 16), np.uint8),
+              "negative": np.where(rng.random((16, 16)) > 0.5, -1, 3).astype(np.int16)}
+    path = tmp_path / f"{case}.tif"
+    tifffile.imwrite(path, arrays[case], photometric="minisblack" if case == "4d" else None)
+    for cmd in (["count", str(path)], ["filter", str(path), "-o", str(tmp_path / "f.tif")]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert err.startswith("panoptem: error:") and match in err, err
+    assert not (tmp_path / "f.tif").exists()
+
+
+def test_label_tools_refuse_a_folder_the_input_or_a_non_csv_as_output(tmp_path, capsys):
+    path, labels = _labels_tif(tmp_path)
+    (tmp_path / "d.tif").mkdir()
+    (tmp_path / "d.csv").mkdir()
+    for cmd, match in [(["filter", str(path), "-o", str(tmp_path / "d.tif"), "--overwrite"], "is a folder"),
+                       (["count", str(path), "-o", str(tmp_path / "d.csv"), "--overwrite"], "is a folder"),
+                       (["filter", str(path), "-o", str(path), "--overwrite"], "is the input itself"),
+                       (["count", str(path), "-o", str(path), "--overwrite"], "ending in .csv")]:
+        assert main(cmd) == 2, cmd
+        assert match in capsys.readouterr().err, cmd
+    assert np.array_equal(tifffile.imread(path), labels)  # the input is untouched
+
+
+def test_float_labels_of_whole_numbers_are_counted(tmp_path, capsys):
+    path, labels = _labels_tif(tmp_path)
+    tifffile.imwrite(path, labels.astype(np.float32))
+    assert main(["count", str(path)]) == 0
+    assert f"class 1 (-): {len(np.unique(labels[labels > 0]))} labels" in capsys.readouterr().out
+
+
+def test_demo_refuses_to_replace_earlier_results_and_bad_folders(tmp_path, capsys, lucchi_image):
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, lucchi_image[:128, :128])
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "labels.tif").write_bytes(b"the user's own file")
+    assert main(["demo", "-o", str(out), "--image", str(img)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "labels.tif").read_bytes() == b"the user's own file"
+    assert not (out / "overlay.png").exists()
+    assert main(["demo", "-o", str(out), "--image", str(img), "--overwrite"]) == 0
+    assert tifffile.imread(out / "labels.tif").shape == (128, 128)
+    (tmp_path / "afile").write_text("x")
+    assert main(["demo", "-o", str(tmp_path / "afile"), "--image", str(img)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(b"not a tif")
+    assert main(["demo", "-o", str(tmp_path / "demo2"), "--image", str(corrupt)]) == 2
+    assert not (tmp_path / "demo2").exists()  # refused before the folder was made
+
+
+@pytest.mark.parametrize("option, match", [
+    (["--threads-per-worker", "0"], "at least 1 thread per worker"),
+    (["--threads-per-worker", "-2"], "at least 1 thread per worker"),
+    (["--memory-limit", "lots"], "is no size"),
+    (["--scheduler", "notaurl"], "give it as tcp://host:8786"),
+])
+def test_block_options_dask_would_refuse_are_refused_first(tmp_path, capsys, em_volume_tif, registered,
+                                                           option, match):
+    out = tmp_path / "b.zarr"
+    assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered, "--quiet",
+                 "--blocks", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("panoptem: error:") and match in err, err
+    assert not out.exists()
+
+
+def test_level_of_a_single_level_volume_is_refused(tmp_path, capsys, em_volume_tif, registered):
+    out = tmp_path / "l.zarr"
+    assert main(["segment3d", str(em_volume_tif), "-o", str(out), "--model", registered, "--quiet",
+                 "--level", "3"]) == 2
+    assert "leave --level out" in capsys.readouterr().err
+    assert not out.exists()

@@ -188,6 +188,8 @@ def test_shape_mismatch_names_both_shapes():
         (np.zeros((3, 3)), np.zeros((3, 3)), {"connectivity": 26}, "4 or 8"),
         (np.zeros((3, 3, 3)), np.zeros((3, 3, 3)), {"connectivity": 8}, "6, 18 or 26"),
         (np.zeros((3, 3)), np.zeros((3, 3)), {"iou_thr": 0}, "iou_thr"),
+        (np.zeros((0, 3), np.uint8), np.zeros((0, 3), np.uint8), {}, "The prediction is empty"),
+        (np.zeros((3, 3)), np.full((3, 3), -1), {}, "The ground truth has negative values"),
     ],
 )
 def test_user_errors(pred, gt, kwargs, match):

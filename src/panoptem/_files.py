@@ -110,13 +110,20 @@ def writable_folder(folder: str | os.PathLike, what: str = "output folder") -> P
     return folder
 
 
-def check_output(path: str | os.PathLike, what: str = "output", overwrite: bool = False) -> Path:
+def check_output(path: str | os.PathLike, what: str = "output", overwrite: bool = False,
+                 folder: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Refuse, before any work, an output file or folder that cannot or may not be written.
 
     The parent folder is created if needed and must be writable; an existing ``path`` is an
-    error unless ``overwrite`` (nothing a user made is replaced silently).
+    error unless ``overwrite`` (nothing a user made is replaced silently). A file output
+    (not ``folder``) may not be an existing folder, and no output may be the input
+    ``source`` it is made from.
     """
     path = Path(path).expanduser()
+    if source is not None and path.exists() and path.resolve() == Path(source).expanduser().resolve():
+        raise PanoptemError(f"The {what} {path} is the input itself; give another name.")
+    if not folder and path.is_dir():
+        raise PanoptemError(f"The {what} {path} is a folder; give a file name.")
     writable_folder(path.parent, what=f"folder of the {what}")
     if path.exists() and not overwrite:
         raise PanoptemError(

@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="segment the bundled sample image and write a picture")
     demo.add_argument("-o", "--output-dir", default="panoptem_demo", help="folder for the results")
     demo.add_argument("--image", help="use this image instead of the bundled sample")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace labels.tif and overlay.png of an earlier run in the folder")
     _add_device_options(demo)
     return parser
 
@@ -353,8 +355,8 @@ def _cmd_segment(args) -> int:
         if out.suffix.lower() not in (".tif", ".tiff"):
             raise PanoptemError(f"The output must be a .tif file (got '{out}').")
         jobs = [(src, out)]
-    for _, out_path in jobs:  # before any work: every output can be written, none exists
-        check_output(out_path, "output", overwrite=args.overwrite)
+    for image, out_path in jobs:  # before any work: every output can be written, none exists
+        check_output(out_path, "output", overwrite=args.overwrite, source=image)
     roi = read_image(args.roi) if args.roi else None
     engine = Engine2D(args.model, device=args.device, quantized=args.quantized,
                       precision=args.precision)
@@ -383,6 +385,9 @@ def _read_volume(path: Path, level: int = 0):
         from panoptem import ngff
 
         return ngff.open_image(path, level)[0]
+    if level:
+        raise PanoptemError(f"--level picks a resolution level of an OME-Zarr volume; {path.name} "
+                            "has one level: leave --level out.")
     if path.suffix.lower() == ".npy" and path.exists():
         return np.load(path, mmap_mode="r")
     from panoptem.io import read_image
@@ -418,7 +423,8 @@ def _cmd_segment3d(args) -> int:
     names = [out] if zarr_path else [out.with_name(f"{out.stem}_{n}{out.suffix}")
                                      for n in _output_names(_config(args.model), p3)]
     for target in names if len(names) > 1 else [out]:
-        check_output(target, "output", overwrite=args.overwrite)
+        check_output(target, "output", overwrite=args.overwrite, folder=zarr_path is not None,
+                     source=args.volume)
     volume = _read_volume(Path(args.volume), args.level)
     info = StoreInfo(Path(args.volume).stem, scale=args.scale)
     t0 = time.perf_counter()
@@ -520,8 +526,10 @@ def _cmd_count(args) -> int:
     from panoptem._files import check_output
 
     names = _class_names(args.names)
-    out = check_output(args.output, "CSV file", args.overwrite) if args.output else None
-    labels = io.read_labels(args.labels)
+    if args.output and Path(args.output).suffix.lower() != ".csv":
+        raise PanoptemError(f"The counts are written as CSV: give an output ending in .csv (got '{args.output}').")
+    out = check_output(args.output, "CSV file", args.overwrite, source=args.labels) if args.output else None
+    labels = io.read_label_image(args.labels)
     rows = proofread.count_labels(labels, label_divisor=args.label_divisor, per_plane=args.per_plane)
     for cid, ids in proofread.labels_per_class(rows).items():
         print(f"class {cid} ({names.get(cid, '-')}): {len(ids)} labels")
@@ -537,8 +545,8 @@ def _cmd_filter(args) -> int:
     from panoptem import io, proofread
     from panoptem._files import check_output
 
-    out = check_output(args.output, "output", args.overwrite)
-    labels = io.read_labels(args.labels)
+    out = check_output(args.output, "output", args.overwrite, source=args.labels)
+    labels = io.read_label_image(args.labels)
     scope = "2D patches" if args.per_plane else ("3D image or z-stack" if labels.ndim == 3 else "Current image")
     kept, removed = proofread.filter_labels(labels, min_area=args.min_area, border=args.border, apply_to=scope)
     io.write_labels(out, kept.astype(labels.dtype, copy=False))
@@ -613,7 +621,8 @@ def _text_or_file(value: str | None) -> str | None:
 def _cmd_demo(args) -> int:
     from panoptem.demo import run_demo
 
-    result = run_demo(args.output_dir, image=args.image, device=args.device, quantized=args.quantized)
+    result = run_demo(args.output_dir, image=args.image, device=args.device, quantized=args.quantized,
+                      overwrite=args.overwrite)
     print(result.summary())
     return 0
 

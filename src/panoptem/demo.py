@@ -103,20 +103,23 @@ def untrained_model(arch: dict, calibration_image: np.ndarray | None = None, see
     return model.eval()
 
 
-def run_demo(out_dir="panoptem_demo", image=None, device="cpu", quantized: bool = False) -> DemoResult:
-    """Segment the sample (or ``image``, a path) and write ``labels.tif`` and ``overlay.png``."""
+def run_demo(out_dir="panoptem_demo", image=None, device="cpu", quantized: bool = False,
+             overwrite: bool = False) -> DemoResult:
+    """Segment the sample (or ``image``, a path) and write ``labels.tif`` and ``overlay.png``
+    in ``out_dir``; files of those names already there are an error unless ``overwrite``."""
+    from panoptem._files import check_output
     from panoptem.inference.engine import Engine2D
     from panoptem.io import read_image, write_labels
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     img = read_image(image) if image else sample_image()
+    labels_out, picture_out = (check_output(Path(out_dir) / name, "demo output", overwrite)
+                               for name in ("labels.tif", "overlay.png"))
     engine = Engine2D(DEMO_MODEL, device=device, quantized=quantized)
     t0 = time.perf_counter()
     labels = engine.segment(img)
     seconds = time.perf_counter() - t0
-    labels_path = write_labels(out_dir / "labels.tif", labels)
-    picture = write_overlay_png(out_dir / "overlay.png", img, labels)
+    labels_path = write_labels(labels_out, labels)
+    picture = write_overlay_png(picture_out, img, labels)
     return DemoResult(str(image or "the bundled sample"), labels_path, picture,
                       int(len(np.unique(labels[labels > 0]))), seconds,
                       f"{DEMO_MODEL}{' (int8)' if engine.loaded.quantized else ''}")

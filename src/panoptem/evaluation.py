@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from panoptem.errors import PanoptemError
+from panoptem.io import as_label_image
 from panoptem.overlap import connected_groups, overlaps
 from panoptem.progress import Progress, ensure_progress
 
@@ -167,25 +168,6 @@ def _from_counts(
         fg_intersection=int(inter),
         fg_union=int(union),
         slices=slices,
-    )
-
-
-def _as_label_array(arr, name: str) -> np.ndarray:
-    """A numeric array with integral values (floats holding integers are accepted)."""
-    a = np.asarray(arr)
-    if a.dtype == bool:
-        return a
-    if a.dtype.kind in "iu":
-        return a
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
-            raise PanoptemError(
-                f"{name} has non-integer values (dtype {a.dtype}); pass a label image or a "
-                "binary mask, e.g. threshold a probability map first."
-            )
-        return a.astype(np.int64)
-    raise PanoptemError(
-        f"{name} has dtype {a.dtype}; pass a label image or mask with integer or bool values."
     )
 
 
@@ -349,8 +331,8 @@ def evaluate(
     precision, recall, PQ, SQ and RQ are all 1.0 (empanada's convention). When only one
     side is empty they are 0.0 (fg_iou is 0.0 too, since the union is not empty).
     """
-    pred = _as_label_array(pred, "The prediction")
-    gt = _as_label_array(gt, "The ground truth")
+    pred = as_label_image(pred, "The prediction")
+    gt = as_label_image(gt, "The ground truth")
     if pred.shape != gt.shape:
         raise PanoptemError(
             f"The prediction has shape {pred.shape} but the ground truth has shape "

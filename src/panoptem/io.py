@@ -129,6 +129,49 @@ def label_channel(arr: np.ndarray, path: str | Path = "image") -> np.ndarray:
     return arr
 
 
+def as_label_image(arr, name: str) -> np.ndarray:
+    """``arr`` as labels: bool or integer values (floats holding whole numbers become
+    int64), none negative, at least one pixel; else a :class:`PanoptemError` naming
+    ``name`` and saying what to change."""
+    a = np.asarray(arr)
+    if a.size == 0:
+        raise PanoptemError(f"{name} is empty (shape {a.shape}); give a label image with pixels.")
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+            raise PanoptemError(
+                f"{name} has non-integer values (dtype {a.dtype}); pass a label image or a "
+                "binary mask, e.g. threshold a probability map first."
+            )
+        a = a.astype(np.int64)
+    elif a.dtype != bool and a.dtype.kind not in "iu":
+        raise PanoptemError(
+            f"{name} has dtype {a.dtype}; pass a label image or mask with integer or bool values."
+        )
+    if a.dtype.kind == "i" and a.min() < 0:
+        raise PanoptemError(
+            f"{name} has negative values (down to {a.min()}); labels are 0 for the background "
+            "and positive ids for objects."
+        )
+    return a
+
+
+def read_label_image(path) -> np.ndarray:
+    """A 2D or 3D label image from a file (:func:`read_labels`, then :func:`as_label_image`);
+    colour pictures, other dimensions and what is no label image are refused."""
+    labels = read_labels(path)
+    name = Path(path).name
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4):
+        raise PanoptemError(
+            f"{name} looks like an RGB(A) picture (shape {labels.shape}, its colour channels "
+            "differ); save the labels as a single-channel image."
+        )
+    if labels.ndim not in (2, 3):
+        raise PanoptemError(
+            f"{name} has shape {labels.shape}; give a 2D label image (H, W) or a 3D one (Z, Y, X)."
+        )
+    return as_label_image(labels, name)
+
+
 def read_labels(path) -> np.ndarray:
     """Read a label image or mask file (tif/tiff, png, jpg, npy) as one channel.
 

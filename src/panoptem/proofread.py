@@ -838,7 +838,8 @@ def count_labels(
     ``{"image": plane or None, "class_id", "label_id", "voxels"}``.
     """
     if label_divisor is not None and int(label_divisor) < 1:
-        raise PanoptemError("Label divisor must be a positive number, or None")
+        raise PanoptemError(f"The label divisor must be at least 1 (got {label_divisor}); leave it "
+                            "out to count every label as class 1.")
     if plane is not None and labels.ndim > 2 and not 0 <= int(plane) < labels.shape[0]:
         raise PanoptemError(f"plane {plane} is outside the stack of {labels.shape[0]}")
     if per_plane and labels.ndim < 3:

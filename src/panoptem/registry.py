@@ -251,7 +251,8 @@ def get_config(name: str) -> dict:
     if name not in paths:
         raise PanoptemError(
             f"Unknown model '{name}'. Available models: {', '.join(paths) or 'none'}. "
-            "Use one of these names, or register the model first (register_model)."
+            "Use one of these names, or register the model first (the Register new model "
+            "widget, `panoptem models register`, or register_model)."
         )
     return read_config(paths[name])
 

@@ -150,7 +150,7 @@ class BlockGrid:
 
 
 def _three(value, what: str, zero_ok: bool = False) -> tuple[int, int, int]:
-    parts = parse_chunks(value) if not zero_ok else None
+    parts = parse_chunks(value, what=f"The {what}") if not zero_ok else None
     if zero_ok:
         if isinstance(value, int):
             parts = (value,) * 3
@@ -208,6 +208,29 @@ class Cluster:
     scheduler: str | None = None
     processes: bool = True
     timeout: str = "10s"
+
+    def __post_init__(self) -> None:  # before any work: what dask would refuse later
+        t = self.threads_per_worker
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise PanoptemError(f"Give at least 1 thread per worker (got {t}).")
+        if self.memory_limit not in (None, "auto"):
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(self.memory_limit)
+            except (ValueError, TypeError):
+                raise PanoptemError(f"The memory limit {self.memory_limit!r} is no size; give e.g. "
+                                    "8GiB or 500MB.") from None
+        if self.scheduler:
+            from distributed.comm.addressing import parse_address, parse_host_port
+
+            try:
+                scheme, location = parse_address(self.scheduler)
+                if scheme in ("tcp", "tls"):
+                    parse_host_port(location)
+            except ValueError as err:
+                raise PanoptemError(f"The scheduler address {self.scheduler!r} is not one dask can "
+                                    f"use ({err}); give it as tcp://host:8786.") from None
 
     def client(self, device: str = "cpu"):
         """A ``distributed.Client`` for this cluster (closing it closes a local cluster)."""

@@ -156,8 +156,9 @@ def _check_devices(devices) -> list[str]:
 
     devs = [devices] if isinstance(devices, str) else list(devices)
     if len(devs) < 2:
-        raise PanoptemError("multi-process inference needs at least two devices; use Engine3D for one.")
-    return [str(resolve_device(d)) for d in devs]  # PanoptemError for unavailable CUDA
+        raise PanoptemError(f"Multi-device inference needs at least two devices (got {devs}): list "
+                            "them (--devices cuda:0,cuda:1), or run on one device (--device, Engine3D).")
+    return [str(resolve_device(d)) for d in devs]  # PanoptemError for unavailable CUDA and bad names
 
 
 def _prefetch(model, quantized: bool, prog: Progress) -> None:

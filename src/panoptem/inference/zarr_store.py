@@ -61,8 +61,9 @@ class StoreInfo:
                 "translate": [float(t) for t in self.translate]}
 
 
-def parse_chunks(text, shape=None) -> tuple[int, int, int]:
-    """"256" -> (256, 256, 256); "32, 256, 256" -> (32, 256, 256); clipped to ``shape``."""
+def parse_chunks(text, shape=None, what: str = "Chunk size") -> tuple[int, int, int]:
+    """"256" -> (256, 256, 256); "32, 256, 256" -> (32, 256, 256); clipped to ``shape``.
+    ``what`` names the setting in the error for what does not parse."""
     if isinstance(text, int):
         parts = [text]
     elif isinstance(text, tuple | list):
@@ -74,7 +75,7 @@ def parse_chunks(text, shape=None) -> tuple[int, int, int]:
             parts = []
     if len(parts) not in (1, 3) or any(int(p) < 1 for p in parts):
         raise PanoptemError(
-            f"Chunk size '{text}' does not parse: give one whole number (e.g. 256) or three "
+            f"{what} '{text}' does not parse: give one whole number (e.g. 256) or three "
             "separated by commas (z, y, x), all at least 1."
         )
     chunks = tuple(int(p) for p in parts) * (3 if len(parts) == 1 else 1)
