@@ -473,6 +473,48 @@ def test_on_a_gpu_the_forward_thread_copies_the_outputs_to_the_cpu(small_config,
     assert not _ahead_threads()
 
 
+def test_outputs_computed_elsewhere_are_copied_in_the_thread_that_reads_them(small_config, em_volume,
+                                                                           monkeypatch):
+    """Outputs given to the stack (multi-device inference: rank 0's gathered outputs) go
+    through the same copy to the CPU, in the thread that reads them; a cancelled run
+    closes their source."""
+    from panoptem.inference import stack as st
+
+    vol = np.ascontiguousarray(em_volume[:6, :64, :64])
+    params = Params2D().validated()
+    plain = Engine2D(small_config)
+    outs = [plain.outputs(s, params) for s in _unit_slices(vol)]
+    threads, copied = set(), []
+    to_host = st._to_host
+
+    def watched(items, device, wait=True):
+        threads.add(threading.current_thread().name)
+        copied.append(items)
+        return to_host(items, device, wait)
+
+    monkeypatch.setattr(st, "_to_host", watched)
+    res = segment_stack(plain, vol, params, outputs=iter(outs), overlap=True, to_host=True)
+    assert len(copied) == 6 and threads == {"panoptem-model-xy"}
+    ref = segment_stack(plain, vol, params, outputs=iter(outs), overlap=True)
+    assert len(copied) == 6  # not without to_host on a CPU
+    np.testing.assert_array_equal(res.store, ref.store)
+    assert res.store.max() > 0
+
+    closed = threading.Event()
+
+    def source():
+        try:
+            yield from outs
+        finally:
+            closed.set()
+
+    with pytest.raises(Cancelled):
+        segment_stack(plain, vol, params, outputs=source(), overlap=True, to_host=True,
+                      progress=CancelAfter(2))
+    assert closed.is_set()
+    assert not _ahead_threads()
+
+
 class Steps(Engine2D):
     """A real engine that notes its forward passes (whether they were waited for) and
     post-processing calls in the order they happen."""
